@@ -1,0 +1,216 @@
+"""Building blocks shared by the UNet, the VAE and the CLIP text tower.
+
+Conventions every model in jaxmed follows (the weight converter relies on them):
+
+* Parameters are float32 and named like PyTorch's: ``kernel`` (Linear / Conv weight),
+  ``bias``, ``scale`` (norm weight), ``embedding`` (nn.Embedding weight). Module names are
+  the diffusers / transformers attribute names, with list indices written ``name_N``
+  (``down_blocks_0``, ``to_out_0``); `jaxmed.models.convert` maps them to ``name.N``.
+* Layouts are channels-last: activations NHWC, Linear kernels (in, out), Conv kernels HWIO.
+* Every parameter carries logical axis names (`nn.with_logical_partitioning`) so that one
+  rule table in `jaxmed.sharding` maps them to mesh axes; activations are constrained with
+  `constrain` at block boundaries.
+* ``dtype`` is the compute dtype (bfloat16 on accelerators); norms, softmax and the time
+  embedding always compute in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+# PyTorch's default init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), ..), which is
+# variance_scaling(1/3, fan_in, uniform). Used when a model is trained from scratch.
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# Logical axis names of activations.
+BATCH, LENGTH, HEIGHT, WIDTH, CHANNELS = "batch", "length", "height", "width", "channels"
+NHWC: Axes = (BATCH, HEIGHT, WIDTH, CHANNELS)
+BLC: Axes = (BATCH, LENGTH, CHANNELS)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+    """Sharding hint by logical names; a no-op outside a mesh / axis-rules context."""
+    return nn.with_logical_constraint(x, axes)
+
+
+def _param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], axes: Axes):
+    return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), jnp.float32)
+
+
+class Linear(nn.Module):
+    """y = x @ kernel + bias, kernel stored (in, out) in float32, computed in ``dtype``."""
+
+    features: int
+    use_bias: bool = True
+    axes: Axes = ("embed", "mlp")
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = torch_default_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.axes)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = _param(self, "bias", nn.initializers.zeros, (self.features,), self.axes[1:])
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Conv(nn.Module):
+    """2-D convolution, NHWC x HWIO, symmetric padding ``padding`` or explicit pairs."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: int | tuple[tuple[int, int], tuple[int, int]] = 1
+    use_bias: bool = True
+    axes: Axes = ("conv_h", "conv_w", "conv_in", "conv_out")
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = torch_default_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = _param(self, "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), self.axes)
+        pad = self.padding
+        if isinstance(pad, int):
+            pad = ((pad, pad), (pad, pad))
+        if k == 1 and self.strides == 1 and pad == ((0, 0), (0, 0)):
+            # A 1x1 conv is a matmul; XLA:CPU runs dot faster than a conv.
+            y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        else:
+            y = lax.conv_general_dilated(
+                x.astype(self.dtype),
+                kernel.astype(self.dtype),
+                window_strides=(self.strides, self.strides),
+                padding=pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+        if self.use_bias:
+            bias = _param(self, "bias", nn.initializers.zeros, (self.features,), self.axes[-1:])
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over NHWC (or (B, L, C)) inputs, statistics in float32 as torch does."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.num_groups} groups")
+        scale = _param(self, "scale", nn.initializers.ones, (c,), ("norm",))
+        bias = _param(self, "bias", nn.initializers.zeros, (c,), ("norm",))
+        shape = x.shape
+        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+        xg = (xg - mean) * lax.rsqrt(var + self.epsilon)
+        y = xg.reshape(shape) * scale + bias
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, float32 statistics."""
+
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = _param(self, "scale", nn.initializers.ones, (c,), ("norm",))
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * lax.rsqrt(var + self.epsilon) * scale
+        if self.use_bias:
+            y = y + _param(self, "bias", nn.initializers.zeros, (c,), ("norm",))
+        return y.astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Lookup table (torch nn.Embedding); parameter ``embedding`` (num, features)."""
+
+    num_embeddings: int
+    features: int
+    axes: Axes = ("vocab", "embed")
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = _param(
+            self, "embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features),
+            self.axes,
+        )
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    heads: int,
+    *,
+    mask: jax.Array | None = None,
+    upcast: bool = True,
+) -> jax.Array:
+    """Multi-head scaled dot-product attention on (B, L, C) tensors; returns (B, Lq, C).
+
+    ``mask`` is boolean, broadcastable to (B, heads, Lq, Lk), True where attending is
+    allowed. Logits and softmax run in float32 when ``upcast`` (SD's ``upcast_attention``;
+    always safe, and what torch's SDPA does for fp16 on CPU).
+    """
+    b, lq, c = q.shape
+    lk = k.shape[1]
+    d = c // heads
+    qh = q.reshape(b, lq, heads, d)
+    kh = k.reshape(b, lk, heads, d)
+    vh = v.reshape(b, lk, heads, d)
+    dtype = q.dtype
+    if upcast:
+        qh, kh = qh.astype(jnp.float32), kh.astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh) * (d**-0.5)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(vh.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, vh)
+    return out.reshape(b, lq, c).astype(dtype)
+
+
+def silu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": silu,
+    "swish": silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported activation {name!r}; jaxmed supports {sorted(ACTIVATIONS)}"
+        ) from None
