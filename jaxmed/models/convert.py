@@ -41,7 +41,10 @@ class WeightMismatchError(ValueError):
 
 
 def path_to_key(path: tuple[str, ...]) -> str:
-    """('down_blocks_0', 'resnets_1', 'conv1', 'kernel') -> 'down_blocks.0.resnets.1.conv1.weight'."""
+    """('down_blocks_0', 'resnets_1', 'conv1', 'kernel') -> 'down_blocks.0.resnets.1.conv1.weight'.
+
+    Inverse of the naming convention in `jaxmed.models.layers`.
+    """
     parts = []
     for p in path[:-1]:
         m = _LIST_RE.match(p)
@@ -117,9 +120,10 @@ def state_dict_to_params(
         used.add(key)
         value = to_flax_layout(path, np.asarray(state[key]), len(leaf.shape))
         if tuple(value.shape) != tuple(leaf.shape):
+            expected = to_torch_layout(path, np.zeros(leaf.shape)).shape
             raise WeightMismatchError(
                 f"{where(key)}: weight {key!r} has shape {tuple(np.shape(state[key]))} but the "
-                f"model built from its config.json expects {to_torch_layout(path, np.zeros(leaf.shape)).shape}; "
+                f"model built from its config.json expects {expected}; "
                 "the config and the weights belong to different models"
             )
         out[path] = value.astype(dtype)

@@ -80,7 +80,8 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
-        kernel = _param(self, "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), self.axes)
+        shape = (k, k, x.shape[-1], self.features)
+        kernel = _param(self, "kernel", self.kernel_init, shape, self.axes)
         pad = self.padding
         if isinstance(pad, int):
             pad = ((pad, pad), (pad, pad))
@@ -112,7 +113,7 @@ class GroupNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         if c % self.num_groups:
-            raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.num_groups} groups")
+            raise ValueError(f"GroupNorm: {c} channels not divisible by {self.num_groups} groups")
         scale = _param(self, "scale", nn.initializers.ones, (c,), ("norm",))
         bias = _param(self, "bias", nn.initializers.zeros, (c,), ("norm",))
         shape = x.shape

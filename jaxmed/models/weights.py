@@ -180,8 +180,9 @@ def find_weight_files(
     variant is used with a log line.
     """
     present = set(os.listdir(component_dir))
+    pattern = re.compile(rf"{re.escape(base)}\.(\w+)\.safetensors$")
     variants = [variant] if variant else [None] + sorted(
-        {m.group(1) for f in present if (m := re.match(rf"{re.escape(base)}\.(\w+)\.safetensors$", f))}
+        {m.group(1) for f in present if (m := pattern.match(f))}
     )
     for v in variants:
         for ext, kind in ((".safetensors", "safetensors"), (".bin", "bin")):

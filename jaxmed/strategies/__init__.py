@@ -1,0 +1,78 @@
+"""The one registry of fine-tuning strategies: a name in a config -> a `Strategy`.
+
+The study's 11 (SEED.md): unet, text, vae, unet+text, unet+vae, vae+text, unet+vae+text,
+lora, dora, bitfit, difffit. Beyond the study: difffit-orig, svdiff, attn.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from jaxmed.strategies import bitfit as _bitfit
+from jaxmed.strategies import difffit as _difffit
+from jaxmed.strategies import full as _full
+from jaxmed.strategies import lora as _lora
+from jaxmed.strategies import svdiff as _svdiff
+from jaxmed.strategies.base import (
+    COMPONENTS,
+    MaskStrategy,
+    Strategy,
+    StrategyError,
+    count,
+    nbytes,
+)
+
+STUDY = (
+    "unet", "text", "vae", "unet+text", "unet+vae", "vae+text", "unet+vae+text",
+    "lora", "dora", "bitfit", "difffit",
+)
+EXTRAS = ("difffit-orig", "svdiff", "attn")
+
+_FACTORIES: dict[str, Callable[..., Strategy]] = {
+    **{n: (lambda lrs=None, n=n: _full.full(n, lrs)) for n in _full.STUDY_FULL},
+    "lora": _lora.lora,
+    "dora": _lora.dora,
+    "bitfit": _bitfit.bitfit,
+    "difffit": _difffit.difffit,
+    "difffit-orig": _difffit.difffit_orig,
+    "svdiff": _svdiff.svdiff,
+    "attn": _full.attn,
+}
+
+
+def names() -> tuple[str, ...]:
+    return STUDY + EXTRAS
+
+
+def options(name: str) -> dict[str, object]:
+    """The options a strategy accepts, with their defaults."""
+    sig = inspect.signature(_factory(name))
+    return {k: p.default for k, p in sig.parameters.items()}
+
+
+def get(name: str, **opts) -> Strategy:
+    """Build strategy ``name`` with options (e.g. rank=4 for lora; lrs={'unet': 1e-5})."""
+    factory = _factory(name)
+    known = options(name)
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise StrategyError(
+            f"strategy {name!r} has no option(s) {unknown}; its options are {known}"
+        )
+    return factory(**opts)
+
+
+def _factory(name: str) -> Callable[..., Strategy]:
+    try:
+        return _FACTORIES[name]
+    except KeyError:
+        raise StrategyError(
+            f"unknown strategy {name!r}; valid names: {', '.join(names())}"
+        ) from None
+
+
+__all__ = [
+    "COMPONENTS", "EXTRAS", "STUDY", "MaskStrategy", "Strategy", "StrategyError", "count",
+    "get", "names", "nbytes", "options",
+]
