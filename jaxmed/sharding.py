@@ -1,0 +1,167 @@
+"""Device mesh and sharding by logical axis names: one table for every model.
+
+The mesh has three axes: ``data`` (pure data parallelism: parameters replicated), ``fsdp``
+(data parallelism with parameters, gradients and optimizer state sharded over it) and
+``tensor`` (attention heads / MLP width split across devices). Every parameter of jaxmed's
+models carries logical names (`jaxmed.models.layers`); `LOGICAL_RULES` maps them to mesh
+axes. A dimension that a mesh axis does not divide evenly stays replicated, so the same
+rules work from 1 CPU to a pod slice (e.g. SD's 4-channel conv_in on an 8-way fsdp axis).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxmed.strategies.base import flatten, unflatten
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or axes). Order matters: the first rule naming a free mesh
+# axis wins, and a mesh axis is used at most once per array.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("height", None),
+    ("width", None),
+    ("channels", None),
+    # parameters
+    ("embed", "fsdp"),
+    ("conv_out", "fsdp"),
+    ("conv_in", None),
+    ("conv_h", None),
+    ("conv_w", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 (the remaining devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    n = len(devices)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} "
+                         f"tensor={tensor}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if n % known:
+            raise ValueError(f"mesh: {n} devices are not divisible by {known} "
+                             f"(data={data} fsdp={fsdp} tensor={tensor})")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(
+            f"mesh: data x fsdp x tensor = {sizes[0]}x{sizes[1]}x{sizes[2]} = "
+            f"{math.prod(sizes)} but {n} devices are available; set config.mesh so the "
+            "product equals the device count (one axis may be -1)"
+        )
+    arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, MESH_AXES)
+
+
+def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for logical, mesh_axes in rules:
+        if logical == name:
+            if mesh_axes is None:
+                return ()
+            return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    return ()
+
+
+def logical_to_spec(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES
+) -> PartitionSpec:
+    """PartitionSpec for an array with logical dim names, replicating dims that a mesh axis
+    would not divide evenly and never using one mesh axis twice."""
+    used: set[str] = set()
+    out: list[Any] = []
+    for name, dim in zip(names, shape):
+        axes = tuple(a for a in _mesh_axes_for(name, rules)
+                     if a not in used and mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in axes) if axes else 1
+        if not axes or dim % size:
+            out.append(None)
+            continue
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def param_specs(boxed_variables: Mapping, mesh: Mesh, rules=LOGICAL_RULES) -> dict:
+    """{path tuple: PartitionSpec} for a tree of nn.LogicallyPartitioned (abstract) params."""
+    logical = nn.get_partition_spec(boxed_variables)
+    shapes = nn.meta.unbox(boxed_variables)
+    flat_l = flatten(logical)
+    flat_s = flatten(shapes)
+    return {p: logical_to_spec(tuple(flat_l[p]) if flat_l[p] is not None else (None,) *
+                               len(flat_s[p].shape), flat_s[p].shape, mesh, rules)
+            for p in flat_s}
+
+
+def fallback_spec(shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """For leaves with no logical names (adapters, SVD factors): shard the largest dim the
+    fsdp axis divides if the array is large, else replicate."""
+    n = mesh.shape["fsdp"]
+    if n == 1 or math.prod(shape) < 2**16:
+        return PartitionSpec()
+    dims = sorted(range(len(shape)), key=lambda i: -shape[i])
+    for i in dims:
+        if shape[i] % n == 0:
+            spec = [None] * len(shape)
+            spec[i] = "fsdp"
+            return PartitionSpec(*spec)
+    return PartitionSpec()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, specs: Mapping[tuple, PartitionSpec]) -> Any:
+    """NamedShardings for ``tree`` (a nested dict whose top level are component names):
+    leaves at a known parameter path with the same shape take its spec, others fall back."""
+    flat = flatten(tree)
+    out = {}
+    for path, leaf in flat.items():
+        spec = specs.get(path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        if spec is None or len(spec) > len(shape) or not _fits(spec, shape, mesh):
+            spec = fallback_spec(shape, mesh)
+        out[path] = NamedSharding(mesh, spec)
+    return unflatten(out)
+
+
+def _fits(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> bool:
+    for axes, dim in zip(spec, shape):
+        if axes is None:
+            continue
+        axes = (axes,) if isinstance(axes, str) else axes
+        if dim % math.prod(mesh.shape[a] for a in axes):
+            return False
+    return True
+
+
+def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
+    """Shard axis ``leading`` of a batch over data x fsdp; the rest replicated."""
+    spec = [None] * ndim
+    spec[leading] = BATCH_AXES
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def axis_rules():
+    """Context manager activating `LOGICAL_RULES` for nn.with_logical_constraint."""
+    return nn.logical_axis_rules(list(LOGICAL_RULES))
