@@ -86,7 +86,7 @@ COMPONENTS: dict[str, ComponentSpec] = {
     "text_encoder": ComponentSpec(
         "text_encoder", "transformers", "CLIPTextModel", "model",
         module="jaxmed.models.clip_text", config_cls="CLIPTextConfig",
-        ignore_unexpected=(r"position_ids$",),
+        ignore_unexpected=(r"position_ids$",), key_fixer="clip_text_key",
     ),
 }
 MODEL_COMPONENTS = tuple(COMPONENTS)
