@@ -1,0 +1,143 @@
+r"""Fine-tune Stable Diffusion with one strategy of the registry.
+
+    python -m jaxmed.train --config configs/finetune.py:lora --workdir /tmp/lora \
+        --config.model.path=/data/stable-diffusion-v1-5 \
+        --config.data.kind=chexpert --config.data.csv=/data/chexpert/train.csv \
+        --config.data.image_root=/data --config.data.resolution=512
+
+The argument is a strategy name (``python -m jaxmed.inspect --list`` prints them):
+unet, text, vae, unet+text, unet+vae, vae+text, unet+vae+text, lora, dora, bitfit, difffit
+(the study's 11) and difffit-orig, svdiff, attn. The defaults are the study's
+hyperparameters (SEED.md): AdamW (0.9, 0.999), weight decay 1e-2, eps 1e-8, constant lr per
+component, gradient clipping 1.0, gradient accumulation 4, 101 epochs, a checkpoint every 5
+epochs. Strategy options live under ``config.strategy`` (e.g. ``--config.strategy.rank=4``).
+An optional second part picks the model: ``finetune.py:lora,sd15`` uses the SD 1.5 hub folder
+at 512 px; the default is jaxmed's tiny foundation model at 128 px (runs on a laptop CPU).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxmed import strategies
+from jaxmed.strategies.full import STUDY_FULL
+
+LABELS = ("No Finding", "Cardiomegaly", "Lung Opacity", "Edema", "Pneumonia", "Pneumothorax",
+          "Pleural Effusion", "Support Devices")
+
+VALIDATION_PROMPTS = (
+    "Chest X-ray showing Cardiomegaly",
+    "Chest X-ray showing Pleural Effusion",
+    "Chest X-ray showing Lung Opacity, Pneumonia",
+    "Normal chest X-ray with no significant findings",
+)
+
+MODELS = {
+    # name: (path, resolution)
+    "tiny": ("jaxmed:tiny-sd", 128),
+    "sd15": ("runwayml/stable-diffusion-v1-5", 512),
+}
+
+
+def strategy_config(name: str) -> ml_collections.ConfigDict:
+    """``config.strategy``: the name plus every option the registry accepts, at its default."""
+    opts = strategies.options(name)
+    c = ml_collections.ConfigDict()
+    c.name = name
+    for k, v in opts.items():
+        if k == "lrs":
+            v = ml_collections.ConfigDict(STUDY_FULL[name])
+        elif isinstance(v, list):
+            v = tuple(v)
+        if v is None:
+            v = ml_collections.FieldReference(None, field_type=float)
+        c[k] = v
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    parts = (arg or "lora").split(",")
+    name, model = parts[0], parts[1] if len(parts) > 1 else "tiny"
+    if model not in MODELS:
+        raise ValueError(f"finetune.py: unknown model preset {model!r}; choose from "
+                         f"{sorted(MODELS)}")
+    path, resolution = MODELS[model]
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = path  # a diffusers folder, a hub id, or jaxmed:tiny-sd (bundled)
+    c.model.variant = ""  # e.g. "fp16" to read *.fp16.safetensors
+    c.model.allow_pickle = False  # read pickled .bin weights (runs code from the file)
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+    c.model.remat = False  # rematerialise blocks in the backward pass (less memory)
+    c.model.prediction_type = ""  # "" = the scheduler config's; epsilon | v_prediction
+
+    c.strategy = strategy_config(name)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "phantom"  # phantom | chexpert | folder | tfds
+    c.data.csv = ""  # chexpert / folder: the CSV
+    c.data.image_root = ""  # prefix for the CSV's Path column
+    c.data.path_rewrite = ""  # "old=>new", e.g. "CheXpert-v1.0/=>CheXpert-v1.0_512x512/"
+    c.data.frontal_only = True
+    c.data.uncertain = "zeros"  # CheXpert -1 labels: zeros | ones | ignore
+    c.data.resolution = resolution
+    c.data.caption_dropout = 0.1  # the study had none although it samples with CFG
+    c.data.templates = ()  # optional caption templates with {findings}
+    c.data.on_bad_image = "error"  # error | skip
+    c.data.workers = 4
+    c.data.prefetch = 2
+    c.data.max_images = -1  # -1: all; else the first N rows (after filtering)
+    c.data.tfds_split = "train"
+    c.data.phantom_patients = 400  # phantom: synthetic patients (train split ~70%)
+    c.data.phantom_dir = ""  # "" = <workdir>/../phantom-data shared cache
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-2
+    c.optim.clip_norm = 1.0  # 0 disables
+    c.optim.clip_adapters = True  # False = the authors' behaviour: adapters not clipped
+    c.optim.grad_accum = 4
+    c.optim.warmup_steps = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.per_device_batch = 0  # 0 = the strategy's study default (4 or 8)
+    c.train.epochs = 101
+    c.train.max_steps = -1  # > 0 overrides epochs (optimizer steps)
+    c.train.vae_loss_weight = 1.0  # reconstruction term when the VAE trains (SEED.md)
+    c.train.ema_decay = 0.0  # > 0 keeps an EMA of the trainable params, exported instead
+    c.train.noise_offset = 0.0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 0  # 0 = every `every_epochs` epochs
+    c.checkpoint.every_epochs = 5
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10
+    c.log.sample_every_steps = 0  # 0 = at every checkpoint
+    c.log.sample_prompts = VALIDATION_PROMPTS
+    c.log.sample_steps = 25
+    c.log.sample_sampler = "pndm"  # the synthesis sampler, not DDPM (a study pitfall)
+    c.log.guidance_scale = 7.5
+    c.log.tensorboard = True
+    c.log.progress = True
+
+    c.export = ml_collections.ConfigDict()
+    c.export.diffusers = True
+    c.export.adapters = True  # peft-format adapter for lora / dora
+
+    c.cache = ml_collections.ConfigDict()
+    c.cache.latents = "auto"  # auto | on | off (auto: on when the VAE is frozen)
+    c.cache.text = "auto"  # auto | on | off (auto: on when the text encoder is frozen)
+    c.cache.dir = ""  # "" = <workdir>/../cache, shared across strategies
+    return c

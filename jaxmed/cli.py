@@ -1,0 +1,148 @@
+"""Config as code: ``python -m jaxmed.<tool> --config configs/<file>.py:<arg> --workdir DIR``.
+
+A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict``; ``--config.a.b=v``
+overrides a field (the value is parsed as a Python literal and must fit the field's type).
+The config is locked: an unknown key is an error that lists the valid keys at that level
+and the closest match, never a silently ignored typo. (The syntax is ml_collections'
+``config_flags``; the parsing is ours so the errors can say what to do.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid."""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """``path/to/file.py[:arg]`` -> the locked ConfigDict its get_config(arg) returns."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+        if os.path.isfile(here):  # configs/ of a source checkout, from any cwd
+            path = here
+        else:
+            raise ConfigError(f"config file {path!r} not found (from --config {spec!r})")
+    mod_spec = importlib.util.spec_from_file_location(
+        "jaxmed_config_" + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(arg=None)")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        config = ml_collections.ConfigDict(config)
+    config.lock()
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string: --config.data.csv=/path/train.csv
+
+
+def set_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Apply ``dotted=text`` to a locked config, with errors naming the key and the fix."""
+    keys = dotted.split(".")
+    node = config
+    for depth, key in enumerate(keys):
+        where = ".".join(["config", *keys[:depth]])
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{dotted}: {where} is a value, not a section")
+        if key not in node:
+            valid = sorted(node.keys())
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {where}.{close[0]}?" if close else ""
+            raise ConfigError(
+                f"unknown config key --config.{dotted}: {where} has no field {key!r}{hint} "
+                f"Valid fields of {where}: {', '.join(valid)}"
+            )
+        if depth == len(keys) - 1:
+            _assign(node, key, _parse_value(text), dotted)
+        else:
+            node = node[key]
+
+
+def _assign(node: ml_collections.ConfigDict, key: str, value: Any, dotted: str) -> None:
+    current = node[key]
+    if isinstance(current, ml_collections.ConfigDict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"--config.{dotted} is a section; set its fields "
+                              f"(--config.{dotted}.<field>=...) or give a dict literal")
+        for k, v in value.items():
+            _assign(current, k, v, f"{dotted}.{k}")
+        return
+    if isinstance(current, tuple) and isinstance(value, list | str):
+        value = tuple(value) if isinstance(value, list) else (value,)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if current is not None and value is not None and not isinstance(value, type(current)):
+        if not (isinstance(current, str) and not isinstance(value, str | bytes)):
+            raise ConfigError(
+                f"--config.{dotted}={value!r}: expected {type(current).__name__} "
+                f"(like the default {current!r}), got {type(value).__name__}"
+            )
+        value = str(value)
+    try:
+        with node.unlocked():
+            node[key] = value
+    except TypeError as err:
+        raise ConfigError(f"--config.{dotted}={value!r}: {err}") from err
+
+
+def parse(
+    argv: Sequence[str] | None,
+    prog: str,
+    description: str = "",
+    default_config: str | None = None,
+    workdir_required: bool = True,
+    extra: Sequence[tuple[str, dict]] = (),
+) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
+    """Parse ``--config FILE[:ARG] --config.x.y=v ... --workdir DIR [extra flags]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides, rest = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config."):
+            if "=" in a:
+                k, v = a[len("--config."):].split("=", 1)
+            elif i + 1 < len(argv):
+                k, v = a[len("--config."):], argv[i + 1]
+                i += 1
+            else:
+                raise ConfigError(f"{a} needs a value (--config.x.y=value)")
+            overrides.append((k, v))
+        else:
+            rest.append(a)
+        i += 1
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--config", default=default_config, required=default_config is None,
+                    help="config file and argument, e.g. configs/finetune.py:lora")
+    ap.add_argument("--workdir", required=workdir_required,
+                    help="where checkpoints, logs, samples and exports go")
+    for name, kw in extra:
+        ap.add_argument(name, **kw)
+    args = ap.parse_args(rest)
+    config = load_config(args.config)
+    for k, v in overrides:
+        set_override(config, k, v)
+    return config, args
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

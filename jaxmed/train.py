@@ -1,0 +1,559 @@
+r"""The one training loop: any strategy, any model folder, 1 CPU to a TPU pod.
+
+    python -m jaxmed.train --config configs/finetune.py:lora --workdir /tmp/lora \
+        [--config.model.path=DIR] [--config.mesh.fsdp=8] [--config.train.max_steps=1000]
+
+What happens: the model folder is read into float32 params; the strategy splits them into
+a trainable tree (the only thing differentiated and with optimizer state) and a frozen tree;
+both are placed on a ('data', 'fsdp', 'tensor') mesh by logical axis names; a jitted train
+step (donated state, gradient accumulation by lax.scan, global-norm clipping, AdamW per
+component learning rate, optional EMA, bf16 compute) runs over batches prefetched onto the
+devices. Checkpoints (orbax) hold the trainable state and the data position, so a killed
+run resumes exactly; a NaN / inf loss stops the run naming the step and keeps the last
+good checkpoint. At the end the model is exported in diffusers layout (and LoRA / DoRA
+adapters in peft format). The workdir holds config.json, metrics.jsonl, TensorBoard event
+files, sample grids and export/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from jaxmed import schedulers, sharding
+from jaxmed import strategies as strategies_lib
+from jaxmed.checkpoint import Checkpointer, abstract_like
+from jaxmed.models.sd import StableDiffusion
+from jaxmed.strategies.base import Strategy
+
+log = logging.getLogger("jaxmed.train")
+
+
+# ---------------------------------------------------------------------------------------
+# Strategy and optimizer from the config
+
+
+def build_strategy(cfg: ml_collections.ConfigDict) -> Strategy:
+    """``config.strategy`` (name + options) -> a registry Strategy."""
+    opts = {}
+    for k, v in cfg.items():
+        if k == "name":
+            continue
+        if isinstance(v, ml_collections.ConfigDict):
+            v = v.to_dict()
+        if isinstance(v, list):
+            v = tuple(v)
+        if v is None:
+            continue
+        opts[k] = v
+    return strategies_lib.get(cfg.name, **opts)
+
+
+def make_optimizer(strategy: Strategy, trainable: Any, cfg: ml_collections.ConfigDict,
+                   lrs: Mapping[str, float] | None = None) -> optax.GradientTransformation:
+    """AdamW per component (its own constant lr, optional warmup), after global-norm
+    clipping over every trainable leaf (or, with clip_adapters=False as in the authors'
+    code, over the non-adapter leaves only)."""
+    lrs = dict(lrs or strategy.learning_rates())
+    labels = strategy.lr_labels(trainable)
+    used = set(jax.tree_util.tree_leaves(labels))
+    missing = used - set(lrs)
+    if missing:
+        raise ValueError(f"strategy {strategy.name!r} trains {sorted(missing)} but has no "
+                         f"learning rate for it (have {lrs})")
+
+    def adamw(lr: float) -> optax.GradientTransformation:
+        sched = optax.linear_schedule(0.0, lr, cfg.warmup_steps) if cfg.warmup_steps else lr
+        if cfg.warmup_steps:
+            sched = optax.join_schedules(
+                [optax.linear_schedule(0.0, lr, cfg.warmup_steps), optax.constant_schedule(lr)],
+                [cfg.warmup_steps])
+        return optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay)
+
+    tx = optax.multi_transform({c: adamw(lrs[c]) for c in used}, labels)
+    if cfg.clip_norm and cfg.clip_norm > 0:
+        clip = optax.clip_by_global_norm(cfg.clip_norm)
+        if not cfg.clip_adapters:
+            keep = jax.tree_util.tree_map(lambda a: not a, strategy.adapter_mask(trainable))
+            if not any(jax.tree_util.tree_leaves(keep)):
+                clip = optax.identity()
+            else:
+                clip = optax.masked(clip, keep)
+        tx = optax.chain(clip, tx)
+    return tx
+
+
+# ---------------------------------------------------------------------------------------
+# The train step
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+    ema: Any
+    bad_step: jax.Array  # first step whose loss or gradient was not finite; -1 if none
+
+
+def diffusion_loss(sd: StableDiffusion, strategy: Strategy, trainable: Any, frozen: Any,
+                   batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                   prediction_type: str, vae_loss_weight: float = 1.0,
+                   noise_offset: float = 0.0) -> tuple[jax.Array, dict]:
+    """The study's objective on one micro-batch: epsilon (or v) MSE on VAE latents times
+    the scaling factor, plus the VAE reconstruction MSE when the VAE trains (SEED.md).
+
+    ``batch`` holds 'image' and 'input_ids', or, from the caches, 'latent_mean' /
+    'latent_logvar' instead of 'image' and 'context' instead of 'input_ids'.
+    """
+    params = strategy.combine(trainable, frozen)
+    r_lat, r_noise, r_t, r_ad, r_off = jax.random.split(rng, 5)
+
+    def intercept(component):
+        return strategy.intercept(component, trainable, frozen, rng=r_ad, train=True)
+
+    if "context" in batch:
+        context = batch["context"]
+    else:
+        with intercept("text_encoder"):
+            context = sd.encode_text(params["text_encoder"], batch["input_ids"])
+    if "latent_mean" in batch:
+        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+    else:
+        with intercept("vae"):
+            mean, logvar = sd.encode_images(params["vae"], batch["image"])
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(r_lat, mean.shape, mean.dtype)
+    latents = z * sd.scaling_factor
+    noise = jax.random.normal(r_noise, latents.shape, latents.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * jax.random.normal(
+            r_off, (latents.shape[0], 1, 1, latents.shape[-1]), latents.dtype)
+    n_train = sd.schedule.alphas_cumprod.shape[0]
+    t = jax.random.randint(r_t, (latents.shape[0],), 0, n_train)
+    noisy = schedulers.add_noise(sd.schedule, latents, noise, t)
+    target = schedulers.training_target(sd.schedule, prediction_type, latents, noise, t)
+    with intercept("unet"):
+        pred = sd.predict(params["unet"], noisy, t, context)
+    diff_loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+    loss, aux = diff_loss, {"diffusion_loss": diff_loss}
+    if "vae" in strategy.trains and vae_loss_weight:
+        if "image" not in batch:
+            raise ValueError("the VAE trains, so batches need images, not cached latents")
+        with intercept("vae"):
+            recon = sd.vae.apply({"params": params["vae"]}, z, method=sd.vae.decode)
+        rec_loss = jnp.mean(jnp.square(recon - batch["image"].astype(jnp.float32)))
+        loss = loss + vae_loss_weight * rec_loss
+        aux["vae_loss"] = rec_loss
+    return loss, aux
+
+
+def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict):
+    """``step(state, frozen, batch) -> (state, metrics)``; batch leading dim = the global
+    batch of one optimizer step (micro-batch x grad_accum)."""
+    accum = int(config.optim.grad_accum)
+    prediction_type = config.model.prediction_type or sd.prediction_type
+    base_rng = jax.random.PRNGKey(config.seed)
+    ema_decay = float(config.train.ema_decay)
+
+    def loss_fn(trainable, frozen, micro, rng):
+        return diffusion_loss(sd, strategy, trainable, frozen, micro, rng,
+                              prediction_type=prediction_type,
+                              vae_loss_weight=config.train.vae_loss_weight,
+                              noise_offset=config.train.noise_offset)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
+        rng = jax.random.fold_in(base_rng, state.step)
+        # (G, ...) -> (G/accum, accum, ...) -> (accum, G/accum, ...): each device's shard of
+        # the batch axis splits into whole micro-batch rows, so no data moves.
+        micro = {k: jnp.swapaxes(v.reshape((-1, accum) + v.shape[1:]), 0, 1)
+                 for k, v in batch.items() if hasattr(v, "shape") and k not in ("index",)}
+
+        def body(carry, xs):
+            g_acc, l_acc, aux_acc = carry
+            i, mb = xs
+            (loss, aux), g = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(rng, i))
+            g_acc = jax.tree_util.tree_map(jnp.add, g_acc, g)
+            aux_acc = jax.tree_util.tree_map(jnp.add, aux_acc, aux)
+            return (g_acc, l_acc + loss, aux_acc), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
+        aux0 = {"diffusion_loss": jnp.zeros(())}
+        if "vae" in strategy.trains and config.train.vae_loss_weight:
+            aux0["vae_loss"] = jnp.zeros(())
+        (grads, loss, aux), _ = jax.lax.scan(
+            body, (zeros, jnp.zeros(()), aux0), (jnp.arange(accum), micro))
+        grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+        loss = loss / accum
+        aux = {k: v / accum for k, v in aux.items()}
+        gnorm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        ema = state.ema
+        if ema_decay > 0:
+            ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+                                         state.ema, trainable)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        # A non-finite step changes nothing: the state stays the last good one.
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            trainable=keep(trainable, state.trainable),
+            opt_state=keep(opt_state, state.opt_state),
+            ema=keep(ema, state.ema),
+            bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step),
+        )
+        metrics = {"loss": loss, "grad_norm": gnorm, **aux}
+        return new_state, metrics
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def build_records(config: ml_collections.ConfigDict, workdir: str, split: str = "train"):
+    """The configured dataset's `Records` for ``split`` ('train' | 'valid' | 'test')."""
+    from jaxmed import data as data_lib
+
+    d = config.data
+    max_records = d.max_images if d.max_images and d.max_images > 0 else None
+    rewrite = ()
+    if d.path_rewrite:
+        if "=>" not in d.path_rewrite:
+            raise ValueError(f"data.path_rewrite={d.path_rewrite!r}: write it as 'old=>new'")
+        rewrite = tuple(d.path_rewrite.split("=>", 1))
+    if d.kind == "phantom":
+        from jaxmed.data import phantom
+
+        folder = d.phantom_dir or os.path.join(workdir, "phantom-data")
+        csv = phantom.ensure_dataset(folder, n_patients=d.phantom_patients,
+                                     resolution=max(d.resolution, 64), seed=config.seed)[split]
+        return data_lib.read_chexpert_csv(csv, folder, uncertain=d.uncertain,
+                                          frontal_only=d.frontal_only, max_records=max_records)
+    if d.kind == "chexpert":
+        if not d.csv:
+            raise ValueError("data.kind=chexpert needs --config.data.csv=PATH (the study's CSV "
+                             "format) and usually --config.data.image_root=DIR")
+        return data_lib.read_chexpert_csv(
+            d.csv, d.image_root or None, uncertain=d.uncertain, frontal_only=d.frontal_only,
+            path_replace=rewrite, max_records=max_records)
+    if d.kind == "folder":
+        if not d.csv:
+            raise ValueError("data.kind=folder needs --config.data.csv=PATH with a path column "
+                             "and a caption column or label columns")
+        records = data_lib.read_folder_csv(d.csv, d.image_root or None, path_replace=rewrite)
+        return records.subset(slice(0, max_records)) if max_records else records
+    if d.kind == "tfds":
+        records = data_lib.read_tfds_chexpert(split=d.tfds_split, uncertain=d.uncertain,
+                                              frontal_only=d.frontal_only)
+        return records.subset(slice(0, max_records)) if max_records else records
+    raise ValueError(f"data.kind={d.kind!r}: choose phantom, chexpert, folder or tfds")
+
+
+def make_batches(config: ml_collections.ConfigDict, records, tokenizer, global_batch: int):
+    from jaxmed.data import Batches, Captioner
+
+    d = config.data
+    captioner = Captioner(records.label_columns, templates=tuple(d.templates) or None,
+                          dropout=d.caption_dropout, seed=config.seed)
+    return Batches(records, global_batch, tokenizer=tokenizer, resolution=d.resolution,
+                   seed=config.seed, captioner=captioner, on_bad_image=d.on_bad_image,
+                   num_workers=d.workers, prefetch=d.prefetch)
+
+
+# ---------------------------------------------------------------------------------------
+# Placement
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Host arrays -> global jax Arrays with ``shardings`` (works multi-host: each process
+    supplies the shards it addresses)."""
+    def one(x, sh):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+    return jax.tree_util.tree_map(one, tree, shardings)
+
+
+class Trainer:
+    """Everything a run needs, built from a config; `run()` trains to the end."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+                 sd: StableDiffusion | None = None, params: dict | None = None,
+                 records=None, devices=None):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.is_main = jax.process_index() == 0
+        self.strategy = build_strategy(config.strategy)
+        if sd is None:
+            sd, params = StableDiffusion.load(
+                config.model.path, dtype=config.model.dtype, remat=config.model.remat,
+                variant=config.model.variant or None, allow_pickle=config.model.allow_pickle)
+        self.sd, host_params = sd, params
+        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                                       devices=devices)
+        specs = sharding.param_specs(sd.abstract_variables(), self.mesh)
+        params = put(host_params, sharding.tree_shardings(host_params, self.mesh, specs))
+        rng = jax.random.PRNGKey(config.seed)
+        abs_t, abs_f = jax.eval_shape(self.strategy.init, params, rng)
+        self.t_shardings = sharding.tree_shardings(abs_t, self.mesh, specs)
+        self.f_shardings = sharding.tree_shardings(abs_f, self.mesh, specs)
+        trainable, self.frozen = jax.jit(
+            self.strategy.init, out_shardings=(self.t_shardings, self.f_shardings))(params, rng)
+        del params
+        self.n_trainable = strategies_lib.count(trainable)
+
+        # batch geometry
+        replicas = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.per_device_batch = config.train.per_device_batch or self.strategy.per_device_batch
+        self.accum = int(config.optim.grad_accum)
+        self.micro_batch = self.per_device_batch * replicas
+        self.global_batch = self.micro_batch * self.accum
+        self.records = records if records is not None else build_records(config, self.workdir)
+        self.steps_per_epoch = len(self.records) // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{len(self.records)} training images are fewer than one optimizer step's "
+                f"batch of {self.global_batch} (per-device {self.per_device_batch} x "
+                f"{replicas} replicas x grad_accum {self.accum}); lower train.per_device_batch "
+                "or optim.grad_accum, or add data")
+        t = config.train
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
+        c = config.checkpoint
+        self.ckpt_every = c.every_steps or max(1, c.every_epochs * self.steps_per_epoch)
+
+        self.tx = make_optimizer(self.strategy, trainable, config.optim)
+        opt_state = jax.jit(self.tx.init)(trainable)
+        ema = trainable if config.train.ema_decay > 0 else None
+        self.state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                                opt_state=opt_state, ema=ema,
+                                bad_step=jnp.full((), -1, jnp.int32))
+        self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
+        step_fn = make_train_step(self.sd, self.strategy, self.tx, config)
+        self.batch_sharding = sharding.batch_sharding(self.mesh, 1)
+        self.train_step = jax.jit(
+            step_fn, donate_argnums=(0,),
+            out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                         keep=c.keep, async_save=c.async_save)
+        self.data_position = {"epoch": 0, "step": 0}
+
+    # -- resume
+    def maybe_restore(self) -> int:
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return 0
+        self.state, data_state = self.checkpointer.restore(step, abstract_like(self.state))
+        self.data_position = {"epoch": int(data_state["epoch"]), "step": int(data_state["step"])}
+        log.info("resumed from %s at step %d (epoch %d, batch %d)",
+                 self.checkpointer.directory, step, self.data_position["epoch"],
+                 self.data_position["step"])
+        return step
+
+    def exported_params(self) -> dict:
+        """Plain params of the current (EMA if kept) trainable state, on the host."""
+        trainable = self.state.ema if self.state.ema is not None else self.state.trainable
+        merged = jax.jit(self.strategy.export)(trainable, self.frozen)
+        return jax.device_get(merged)
+
+    # -- the loop
+    def run(self) -> dict:
+        from jaxmed.data import prefetch_to_device
+        from jaxmed.logging_utils import MetricWriter, progress
+
+        cfg = self.config
+        start = self.maybe_restore()
+        writer = MetricWriter(self.workdir, tensorboard=cfg.log.tensorboard and self.is_main,
+                              enabled=self.is_main)
+        if self.is_main:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+        self._banner(start)
+        batches = make_batches(cfg, self.records, self.sd.tokenizer, self.global_batch)
+        batches.load_state_dict(self.data_position)
+        t0 = time.perf_counter()
+        pending = None  # metrics of the previous step, read one step late (keeps dispatch async)
+        last_saved = start
+        bar = progress(total=self.total_steps, initial=start, desc=f"train {self.strategy.name}",
+                       enabled=cfg.log.progress and self.is_main)
+        step = start
+        img_s = float("nan")
+        try:
+            it = prefetch_to_device(self._numeric(batches), size=2,
+                                    sharding=self._batch_sharding_fn())
+            t_last = time.perf_counter()
+            for step in range(start, self.total_steps):
+                batch = next(it)
+                self.state, metrics = self.train_step(self.state, self.frozen, batch)
+                if pending is not None:
+                    self._report(*pending, writer, bar)
+                now = time.perf_counter()
+                img_s = self.global_batch / max(now - t_last, 1e-9)
+                t_last = now
+                pending = (step + 1, metrics, img_s)
+                self.data_position = batches.state_dict()
+                done = step + 1
+                if done % self.ckpt_every == 0 or done == self.total_steps:
+                    self._report(*pending, writer, bar)
+                    pending = None
+                    self._check_finite()
+                    self.checkpointer.save(done, self.state, self.data_position)
+                    last_saved = done
+                    if self._sample_due(done):
+                        self.sample_grid(done)
+                elif self._sample_due(done):
+                    self.sample_grid(done)
+                bar.update(1)
+            if pending is not None:
+                self._report(*pending, writer, bar)
+            self._check_finite()
+        finally:
+            bar.close()
+            batches.close()
+            self.checkpointer.wait()
+            writer.close()
+        elapsed = time.perf_counter() - t0
+        export = self.export() if self.is_main else None
+        self.checkpointer.close()
+        summary = {
+            "strategy": self.strategy.name, "steps": int(self.total_steps),
+            "resumed_from": int(start), "trainable_params": int(self.n_trainable),
+            "train_seconds": round(elapsed, 2), "images_per_second": round(img_s, 3),
+            "final_loss": self.last_loss, "export": export, "last_checkpoint": last_saved,
+            "skipped_images": int(batches.num_skipped),
+        }
+        if self.is_main:
+            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            print(f"[jaxmed.train] {self.strategy.name}: {summary['steps']} steps in "
+                  f"{elapsed:.1f}s ({img_s:.2f} img/s), final loss {self.last_loss:.4f}, "
+                  f"{self.n_trainable:,} trainable params, export {export}", flush=True)
+        return summary
+
+    last_loss = float("nan")
+
+    def _numeric(self, batches) -> Iterator[dict]:
+        for b in batches:
+            yield {k: v for k, v in b.items() if k in ("image", "input_ids")}
+
+    def _batch_sharding_fn(self):
+        return {"image": sharding.batch_sharding(self.mesh, 4),
+                "input_ids": sharding.batch_sharding(self.mesh, 2)}
+
+    def _report(self, step: int, metrics: Mapping, img_s: float, writer, bar) -> None:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.last_loss = m["loss"]
+        if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+            self._check_finite()
+        bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{img_s:.1f}")
+        if step % max(1, self.config.log.every_steps) == 0 or step == self.total_steps:
+            writer.write(step, {**m, "images_per_second": img_s})
+
+    def _check_finite(self) -> None:
+        bad = int(jax.device_get(self.state.bad_step))
+        if bad >= 0:
+            last = self.checkpointer.latest_step()
+            kept = f"step {last}" if last is not None else "none (none saved yet)"
+            raise FloatingPointError(
+                f"training stopped: the loss or gradient became NaN/inf at step {bad + 1} "
+                f"(strategy {self.strategy.name}). The update was not applied; the last good "
+                f"checkpoint is {kept} in {self.checkpointer.directory}. Lower the learning "
+                "rate, use float32 compute, or check the data for corrupt images.")
+
+    def _sample_due(self, step: int) -> bool:
+        every = self.config.log.sample_every_steps
+        if every < 0:
+            return False
+        if every == 0:
+            return step % self.ckpt_every == 0 or step == self.total_steps
+        return step % every == 0
+
+    def sample_grid(self, step: int) -> str | None:
+        """Sample the validation prompts with the current weights; write a PNG grid."""
+        from jaxmed.sample import generate, grid, make_sample_fn
+
+        cfg = self.config.log
+        if not hasattr(self, "_sample_fn"):
+            self._sample_fn = make_sample_fn(
+                self.sd, sampler=cfg.sample_sampler, num_steps=cfg.sample_steps,
+                guidance_scale=cfg.guidance_scale, height=self.config.data.resolution,
+                seed=self.config.seed)
+        params = jax.jit(self.strategy.export)(
+            self.state.ema if self.state.ema is not None else self.state.trainable, self.frozen)
+        prompts = list(cfg.sample_prompts)
+        images = generate(self.sd, params, prompts, fn=self._sample_fn)
+        if not self.is_main:
+            return None
+        out = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        grid(images, prompts).save(out)
+        return out
+
+    def export(self) -> str:
+        """diffusers folder (+ peft adapter) of the trained model under workdir/export."""
+        from jaxmed.models import weights
+
+        out = os.path.join(self.workdir, "export")
+        if self.config.export.diffusers:
+            params = self.exported_params()
+            weights.save_pipeline(out, self.sd.configs, params, self.sd.scheduler_config,
+                                  self.sd.tokenizer)
+        if self.config.export.adapters and hasattr(self.strategy, "save_peft"):
+            trainable = self.state.ema if self.state.ema is not None else self.state.trainable
+            self.strategy.save_peft(jax.device_get(trainable), os.path.join(out, "adapter"),
+                                    base_model=self.sd.path)
+        return out
+
+    def _banner(self, start: int) -> None:
+        if not self.is_main:
+            return
+        m = self.mesh.shape
+        print(f"[jaxmed.train] strategy {self.strategy.name} ({self.strategy.description}); "
+              f"{self.n_trainable:,} trainable params; mesh data={m['data']} fsdp={m['fsdp']} "
+              f"tensor={m['tensor']} on {jax.device_count()} {jax.devices()[0].platform} "
+              f"device(s); batch {self.global_batch} = {self.per_device_batch}/device x "
+              f"{m['data'] * m['fsdp']} x accum {self.accum}; {len(self.records)} images, "
+              f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
+              + (f"; resuming at step {start}" if start else ""), flush=True)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
+    return Trainer(config, workdir, **kwargs).run()
+
+
+def main(argv=None) -> int:
+    from jaxmed.cli import ConfigError, parse
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config, args = parse(argv, "python -m jaxmed.train", __doc__.split("\n\n")[0])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if os.environ.get("JAXMED_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+    train(config, args.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
