@@ -601,7 +601,11 @@ class DownBlock(nn.Module):
         skips = []
         for j in range(cfg.layers_per_block[i]):
             x = resnet(
-                out, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, dtype=self.dtype,
+                out,
+                cfg.norm_num_groups,
+                cfg.norm_eps,
+                cfg.act_fn,
+                dtype=self.dtype,
                 name=f"resnets_{j}",
             )(x, temb)
             if self.attention:
@@ -670,7 +674,11 @@ class UpBlock(nn.Module):
         for j in range(cfg.layers_per_block[level] + 1):
             x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
             x = resnet(
-                out, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, dtype=self.dtype,
+                out,
+                cfg.norm_num_groups,
+                cfg.norm_eps,
+                cfg.act_fn,
+                dtype=self.dtype,
                 name=f"resnets_{j}",
             )(x, temb)
             if self.attention:
