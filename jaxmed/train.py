@@ -202,7 +202,7 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: optax.GradientT
         grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
         loss = loss / accum
         aux = {k: v / accum for k, v in aux.items()}
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         ema = state.ema
@@ -347,7 +347,12 @@ class Trainer:
         self.state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                                 opt_state=opt_state, ema=ema,
                                 bad_step=jnp.full((), -1, jnp.int32))
-        self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
+        # Leaves made outside the mesh (step counters, optimizer counts) are replicated on it.
+        mesh_devices = set(self.mesh.devices.flat)
+        repl = sharding.replicated(self.mesh)
+        self.state_shardings = jax.tree_util.tree_map(
+            lambda x: x.sharding if x.sharding.device_set == mesh_devices else repl, self.state)
+        self.state = jax.device_put(self.state, self.state_shardings)
         step_fn = make_train_step(self.sd, self.strategy, self.tx, config)
         self.batch_sharding = sharding.batch_sharding(self.mesh, 1)
         self.train_step = jax.jit(
@@ -390,6 +395,7 @@ class Trainer:
         self._banner(start)
         batches = make_batches(cfg, self.records, self.sd.tokenizer, self.global_batch)
         batches.load_state_dict(self.data_position)
+        start_epoch, start_pos = self.data_position["epoch"], self.data_position["step"]
         t0 = time.perf_counter()
         pending = None  # metrics of the previous step, read one step late (keeps dispatch async)
         last_saved = start
@@ -410,8 +416,11 @@ class Trainer:
                 img_s = self.global_batch / max(now - t_last, 1e-9)
                 t_last = now
                 pending = (step + 1, metrics, img_s)
-                self.data_position = batches.state_dict()
                 done = step + 1
+                # One batch per optimizer step; the iterator itself runs ahead (prefetch).
+                self.data_position = {**batches.state_dict(), "epoch": start_epoch + (
+                    start_pos + done - start) // batches.steps_per_epoch, "step": (
+                    start_pos + done - start) % batches.steps_per_epoch}
                 if done % self.ckpt_every == 0 or done == self.total_steps:
                     self._report(*pending, writer, bar)
                     pending = None

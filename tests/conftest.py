@@ -23,3 +23,43 @@ def torch():
     import torch
     torch.manual_seed(0)
     return torch
+
+
+LABELS = ("No Finding", "Cardiomegaly", "Lung Opacity", "Edema", "Pneumonia", "Pneumothorax",
+          "Pleural Effusion", "Support Devices")
+CSV_HEADER = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(LABELS)
+
+
+def write_chexpert_dataset(root, n=16, size=40, seed=0, name="train.csv"):
+    """A CheXpert-format CSV with n random grayscale PNGs under root/imgs (test data)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "imgs"), exist_ok=True)
+    lines = [CSV_HEADER]
+    for i in range(n):
+        img = rng.integers(0, 255, (size, size), dtype=np.uint8)
+        Image.fromarray(img).save(os.path.join(root, "imgs", f"{i}.png"))
+        labels = rng.integers(0, 2, len(LABELS))
+        lines.append(f"imgs/{i}.png,Female,60,Frontal,PA," + ",".join(map(str, labels)))
+    path = os.path.join(root, name)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A random tiny SD 1.x pipeline in diffusers layout (UNet (32, 64), VAE f=4, 32 px)."""
+    from jaxmed.models import tiny
+
+    folder = str(tmp_path_factory.mktemp("tiny-sd"))
+    tiny.write_random_pipeline(folder, "test", image_size=32, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("chexpert-tiny"))
+    return write_chexpert_dataset(root, n=16, size=40)

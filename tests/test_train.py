@@ -1,0 +1,190 @@
+"""The training loop: sharded == single device, resume after SIGKILL is bitwise exact, every
+strategy over-fits, and bad input stops with a message that names the problem."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import write_chexpert_dataset
+
+from jaxmed import strategies, train
+from jaxmed.cli import ConfigError, load_config, set_override
+from jaxmed.strategies.base import flatten
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "train_worker.py")
+sys.path.insert(0, HERE)
+from train_worker import config as make_config  # noqa: E402
+
+
+def _worker(*args, env=None, **kw):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, WORKER, *map(str, args)], env=env,
+                          capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def overfit_csv(tmp_path_factory):
+    # 4 images: one optimizer step (2 per device x accum 2) sees all of them.
+    return write_chexpert_dataset(str(tmp_path_factory.mktemp("overfit")), n=4, size=32, seed=1)
+
+
+def _fixed_loss(trainer: train.Trainer, batch: dict) -> float:
+    """Mean loss over 4 fixed (noise, t) draws on a fixed batch: comparable across steps."""
+    sd, strat = trainer.sd, trainer.strategy
+    pred_type = sd.prediction_type
+
+    @jax.jit
+    def f(trainable, frozen, batch):
+        losses = [train.diffusion_loss(sd, strat, trainable, frozen, batch,
+                                       jax.random.PRNGKey(100 + i), prediction_type=pred_type)[0]
+                  for i in range(4)]
+        return jnp.mean(jnp.stack(losses))
+
+    return float(f(trainer.state.trainable, trainer.frozen, batch))
+
+
+HIGH_LR = {"bitfit": 3e-2, "difffit-orig": 3e-2, "svdiff": 3e-2, "lora": 1e-2, "dora": 1e-2}
+
+
+@pytest.mark.parametrize("name", strategies.names())
+def test_loss_falls_when_overfitting(name, tiny_sd_folder, overfit_csv, tmp_path):
+    lr = HIGH_LR.get(name, 1e-3)
+    over = {"train.max_steps": 6, "data.caption_dropout": 0.0, "optim.grad_accum": 2,
+            "train.per_device_batch": 2, "checkpoint.every_steps": 100}
+    c = make_config(name, tiny_sd_folder, overfit_csv, **over)
+    if "lrs" in c.strategy:
+        for comp in c.strategy.lrs:
+            c.strategy.lrs[comp] = lr
+    else:
+        c.strategy.lr = lr
+    trainer = train.Trainer(c, str(tmp_path))
+    from jaxmed.data import Batches
+
+    raw = Batches(trainer.records, 4, tokenizer=trainer.sd.tokenizer, resolution=32,
+                  shuffle=False).batch_at(0, 0)
+    batch = {"image": jnp.asarray(raw["image"]), "input_ids": jnp.asarray(raw["input_ids"])}
+    before = _fixed_loss(trainer, batch)
+    trainer.run()
+    after = _fixed_loss(trainer, batch)
+    assert np.isfinite(after)
+    assert after < 0.95 * before, f"{name}: fixed-batch loss {before:.4f} -> {after:.4f}"
+
+
+def test_sharded_equals_single_device(tiny_sd_folder, tiny_dataset, tmp_path):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    for name in ("unet", "lora"):
+        out = str(tmp_path / f"{name}.npz")
+        r = _worker("sharded", name, tiny_sd_folder, tiny_dataset, out,
+                    "data.caption_dropout=0.0", env=env)
+        assert r.returncode == 0, r.stderr[-4000:]
+        res = np.load(out)
+        singles = [k for k in res.files if k.startswith("single/params/")]
+        assert singles
+        worst = 0.0
+        for k in singles:
+            a, b = res[k], res[k.replace("single/", "sharded/", 1)]
+            worst = max(worst, float(np.max(np.abs(a - b))))
+        assert worst <= 1e-5, f"{name}: params differ by {worst}"
+        assert abs(float(res["single/loss"]) - float(res["sharded/loss"])) <= 1e-5
+        # Parameters really are sharded: the frozen UNet weights over fsdp (lora) or the
+        # trainable ones (unet), not replicated copies.
+        key = "sharded/n_trainable_sharded" if name == "unet" else "sharded/n_frozen_sharded"
+        assert int(res[key]) > 10, f"{name}: only {int(res[key])} leaves sharded over fsdp"
+
+
+def _final_state(workdir: str, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    state = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    return {"/".join(p): np.asarray(v) for p, v in flatten(state["trainable"]).items()}
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tiny_sd_folder, tiny_dataset, tmp_path):
+    args = ("lora", tiny_sd_folder, tiny_dataset)
+    over = ["train.max_steps=6", "checkpoint.every_steps=2"]
+    ref = str(tmp_path / "ref")
+    r = _worker("run", *args, ref, *over)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, WORKER, "run", *args, killed, *over],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt2 = os.path.join(killed, "checkpoints", "2")
+    deadline = time.time() + 600
+    while not os.path.isdir(ckpt2) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "summary.json"))
+    r = _worker("run", *args, killed, *over)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resuming at step" in r.stdout
+    a, b = _final_state(ref, 6), _final_state(killed, 6)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), f"{k} differs after resume"
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_unknown_config_key_is_an_error(capsys):
+    c = load_config(os.path.join(HERE, "..", "configs", "finetune.py") + ":lora")
+    with pytest.raises(ConfigError, match="optim has no field 'lr'.*Valid fields"):
+        set_override(c, "optim.lr", "1e-3")
+    rc = train.main(["--config", "configs/finetune.py:lora", "--config.train.epoch=3",
+                     "--workdir", "/tmp/never"])
+    assert rc == 2
+    assert "did you mean config.train.epochs" in capsys.readouterr().err
+
+
+def test_csv_missing_label_column_is_named(tiny_sd_folder, tmp_path):
+    csv = write_chexpert_dataset(str(tmp_path), n=4)
+    with open(csv) as f:
+        lines = [line.rstrip("\n").rsplit(",", 1)[0] for line in f]  # drop Support Devices
+    with open(csv, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    c = make_config("lora", tiny_sd_folder, csv)
+    with pytest.raises(Exception, match="Support Devices") as e:
+        train.Trainer(c, str(tmp_path / "wd"))
+    assert csv in str(e.value)
+
+
+def test_missing_image_is_named(tiny_sd_folder, tmp_path):
+    csv = write_chexpert_dataset(str(tmp_path), n=4)
+    os.remove(os.path.join(str(tmp_path), "imgs", "2.png"))
+    c = make_config("lora", tiny_sd_folder, csv, **{"train.max_steps": 2,
+                                                    "train.per_device_batch": 2,
+                                                    "optim.grad_accum": 2})
+    with pytest.raises(Exception, match=r"imgs/2\.png") as e:
+        train.train(c, str(tmp_path / "wd"))
+    assert "row 2" in str(e.value)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_sd_folder, tiny_dataset,
+                                                                  tmp_path):
+    # Two good steps with a sane lr, then resume with an absurd lr: the update overflows.
+    wd = str(tmp_path / "wd")
+    good = make_config("lora", tiny_sd_folder, tiny_dataset,
+                       **{"train.max_steps": 2, "checkpoint.every_steps": 2})
+    train.train(good, wd)
+    bad = make_config("lora", tiny_sd_folder, tiny_dataset,
+                      **{"train.max_steps": 6, "checkpoint.every_steps": 2})
+    bad.strategy.lr = 1e38
+    with pytest.raises(FloatingPointError, match=r"NaN/inf at step (3|4).*checkpoint is step 2"):
+        train.train(bad, wd)
+    from jaxmed.checkpoint import Checkpointer
+
+    assert Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 2
