@@ -1,0 +1,1 @@
+"""Evaluation: Inception features and FID, Vendi diversity, the domain classifier's metrics."""
