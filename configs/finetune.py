@@ -139,5 +139,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.cache = ml_collections.ConfigDict()
     c.cache.latents = "auto"  # auto | on | off (auto: on when the VAE is frozen)
     c.cache.text = "auto"  # auto | on | off (auto: on when the text encoder is frozen)
-    c.cache.dir = ""  # "" = <workdir>/../cache, shared across strategies
+    c.cache.dir = ""  # "" = <workdir>/cache; the study shares one across strategies
     return c

@@ -269,17 +269,6 @@ def build_records(config: ml_collections.ConfigDict, workdir: str, split: str = 
     raise ValueError(f"data.kind={d.kind!r}: choose phantom, chexpert, folder or tfds")
 
 
-def make_batches(config: ml_collections.ConfigDict, records, tokenizer, global_batch: int):
-    from jaxmed.data import Batches, Captioner
-
-    d = config.data
-    captioner = Captioner(records.label_columns, templates=tuple(d.templates) or None,
-                          dropout=d.caption_dropout, seed=config.seed)
-    return Batches(records, global_batch, tokenizer=tokenizer, resolution=d.resolution,
-                   seed=config.seed, captioner=captioner, on_bad_image=d.on_bad_image,
-                   num_workers=d.workers, prefetch=d.prefetch)
-
-
 # ---------------------------------------------------------------------------------------
 # Placement
 
@@ -313,6 +302,7 @@ class Trainer:
                                        devices=devices)
         specs = sharding.param_specs(sd.abstract_variables(), self.mesh)
         params = put(host_params, sharding.tree_shardings(host_params, self.mesh, specs))
+        self.host_params = host_params  # for encoding the caches; dropped after setup
         rng = jax.random.PRNGKey(config.seed)
         abs_t, abs_f = jax.eval_shape(self.strategy.init, params, rng)
         self.t_shardings = sharding.tree_shardings(abs_t, self.mesh, specs)
@@ -329,6 +319,9 @@ class Trainer:
         self.micro_batch = self.per_device_batch * replicas
         self.global_batch = self.micro_batch * self.accum
         self.records = records if records is not None else build_records(config, self.workdir)
+        self.latent_cache = self.text_cache = None
+        self._setup_caches()
+        del self.host_params
         self.steps_per_epoch = len(self.records) // self.global_batch
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -362,6 +355,74 @@ class Trainer:
                                          keep=c.keep, async_save=c.async_save)
         self.data_position = {"epoch": 0, "step": 0}
 
+    # -- caches (encode once, train many)
+    def _setup_caches(self) -> None:
+        from jaxmed.cache import LatentCache, TextCache, params_hash
+
+        c, trains = self.config.cache, self.strategy.trains
+        for key in ("latents", "text"):
+            if c[key] not in ("auto", "on", "off"):
+                raise ValueError(f"cache.{key}={c[key]!r}: choose auto, on or off")
+        if c.latents == "on" and "vae" in trains:
+            raise ValueError(f"cache.latents=on, but strategy {self.strategy.name!r} trains the "
+                             "VAE: its latents change every step (use auto or off)")
+        if c.text == "on" and "text_encoder" in trains:
+            raise ValueError(f"cache.text=on, but strategy {self.strategy.name!r} trains the "
+                             "text encoder (use auto or off)")
+        use_lat = c.latents == "on" or (c.latents == "auto" and "vae" not in trains)
+        use_txt = c.text == "on" or (c.text == "auto" and "text_encoder" not in trains)
+        cache_dir = c.dir or os.path.join(self.workdir, "cache")
+        sd, d = self.sd, self.config.data
+        dtype = self.config.model.dtype
+        if use_lat:
+            vae_params = self.host_params["vae"]
+            self.latent_cache = LatentCache.build_or_load(
+                cache_dir, self.records, lambda x: sd.encode_images(vae_params, x),
+                params_hash(vae_params, {"vae": sd.vae.config.to_dict(), "dtype": dtype}),
+                resolution=d.resolution, on_bad_image=d.on_bad_image, workers=d.workers,
+                progress=self.config.log.progress and self.is_main)
+            valid = self.latent_cache.valid
+            self.cache_rows = np.nonzero(valid)[0]
+            if not valid.all():
+                self.records = self.records.subset(valid)
+        if use_txt:
+            captioner = self._captioner(self.records)
+            variants = captioner.variants(self.records.labels, self.records.captions)
+            text_params = self.host_params["text_encoder"]
+            self.text_cache = TextCache.build_or_load(
+                cache_dir, self.records.source, variants,
+                lambda ids: sd.encode_text(text_params, ids), sd.tokenize,
+                params_hash(text_params, {"text": sd.text_encoder.config.to_dict(),
+                                          "dtype": dtype}))
+        if self.is_main:
+            print(f"[jaxmed.train] latent cache: {'on' if use_lat else 'off'} "
+                  f"(cache.latents={c.latents}); text cache: {'on' if use_txt else 'off'} "
+                  f"(cache.text={c.text})" + (f"; in {cache_dir}" if use_lat or use_txt else ""),
+                  flush=True)
+
+    def _captioner(self, records):
+        from jaxmed.data import Captioner
+
+        d = self.config.data
+        return Captioner(records.label_columns, templates=tuple(d.templates) or None,
+                         dropout=d.caption_dropout, seed=self.config.seed)
+
+    def make_batches(self):
+        """The training batches: images or cached latents, token ids or cached context."""
+        from jaxmed.data import Batches
+
+        d = self.config.data
+        extras = None
+        if self.latent_cache is not None:
+            cache, rows = self.latent_cache, self.cache_rows
+            extras = lambda pos: cache.get(rows[pos])  # noqa: E731
+        return Batches(self.records, self.global_batch, tokenizer=self.sd.tokenizer,
+                       resolution=d.resolution, seed=self.config.seed,
+                       captioner=self._captioner(self.records), on_bad_image=d.on_bad_image,
+                       num_workers=d.workers, prefetch=d.prefetch,
+                       load_images=self.latent_cache is None, extras=extras,
+                       return_captions=self.text_cache is not None)
+
     # -- resume
     def maybe_restore(self) -> int:
         step = self.checkpointer.latest_step()
@@ -393,7 +454,7 @@ class Trainer:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
         self._banner(start)
-        batches = make_batches(cfg, self.records, self.sd.tokenizer, self.global_batch)
+        batches = self.make_batches()
         batches.load_state_dict(self.data_position)
         start_epoch, start_pos = self.data_position["epoch"], self.data_position["step"]
         t0 = time.perf_counter()
@@ -460,13 +521,18 @@ class Trainer:
 
     last_loss = float("nan")
 
+    MODEL_INPUTS = {"image": 4, "input_ids": 2, "latent_mean": 4, "latent_logvar": 4,
+                    "context": 3}
+
     def _numeric(self, batches) -> Iterator[dict]:
         for b in batches:
-            yield {k: v for k, v in b.items() if k in ("image", "input_ids")}
+            if self.text_cache is not None:
+                b["context"] = self.text_cache.lookup(b.pop("caption"))
+                b.pop("input_ids", None)
+            yield {k: v for k, v in b.items() if k in self.MODEL_INPUTS}
 
     def _batch_sharding_fn(self):
-        return {"image": sharding.batch_sharding(self.mesh, 4),
-                "input_ids": sharding.batch_sharding(self.mesh, 2)}
+        return {k: sharding.batch_sharding(self.mesh, nd) for k, nd in self.MODEL_INPUTS.items()}
 
     def _report(self, step: int, metrics: Mapping, img_s: float, writer, bar) -> None:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -52,7 +52,8 @@ def _fixed_loss(trainer: train.Trainer, batch: dict) -> float:
     return float(f(trainer.state.trainable, trainer.frozen, batch))
 
 
-HIGH_LR = {"bitfit": 3e-2, "difffit-orig": 3e-2, "svdiff": 3e-2, "lora": 1e-2, "dora": 1e-2}
+HIGH_LR = {"bitfit": 3e-2, "difffit-orig": 3e-2, "svdiff": 3e-2, "lora": 1e-2, "dora": 1e-2,
+           "text": 3e-3, "attn": 3e-3}
 
 
 @pytest.mark.parametrize("name", strategies.names())

@@ -22,7 +22,8 @@ wait in a queue, so memory stays bounded whatever the dataset size. Captions are
 tokenised once per distinct caption string (a dict cache).
 
 Batch: ``{'image': (b, H, W, 3) float32 in [-1, 1], 'input_ids': (b, 77) int32,
-'labels': (b, L) float32, 'index': (b,) int64}`` (``index`` = the CSV row), plus
+'labels': (b, L) float32, 'index': (b,) int64, 'position': (b,) int64}`` (``index`` = the
+CSV row, ``position`` = the record's position in ``records``), plus
 ``'caption'`` (a list of str) with ``return_captions=True``. ``input_ids`` is absent when
 no tokenizer is given.
 """
@@ -69,6 +70,10 @@ class Batches(Iterator[dict]):
       num_workers: decoding threads.
       prefetch: batches decoded ahead (and batches queued).
       return_captions: also return the caption strings.
+      load_images: False skips decoding (e.g. when latents come from a cache); the batch
+        then has no ``image``.
+      extras: ``extras(positions) -> dict`` of per-record arrays (record positions in
+        ``records``) added to each batch, e.g. cached VAE latents.
     """
 
     def __init__(
@@ -90,6 +95,8 @@ class Batches(Iterator[dict]):
         num_workers: int | None = None,
         prefetch: int = 2,
         return_captions: bool = False,
+        load_images: bool = True,
+        extras=None,
     ):
         if process_index is None or process_count is None:
             import jax
@@ -124,6 +131,8 @@ class Batches(Iterator[dict]):
         self.num_workers = num_workers or min(8, os.cpu_count() or 1)
         self.prefetch = max(1, int(prefetch))
         self.return_captions = return_captions
+        self.load_images = bool(load_images)
+        self.extras = extras
         self.bad_images: dict[str, str] = {}
         self.num_skipped = 0
         self._token_cache: dict[str, np.ndarray] = {}
@@ -185,6 +194,8 @@ class Batches(Iterator[dict]):
 
     # ---------------------------------------------------------------- loading
     def _load(self, pos: int):
+        if not self.load_images:
+            return None
         path = self.records.paths[pos]
         if path in self.bad_images:
             return BadImageError(path, int(self.records.rows[pos]), self.records.source,
@@ -253,10 +264,14 @@ class Batches(Iterator[dict]):
             for p in chosen
         ]
         batch = {
-            "image": np.stack(images).astype(np.float32, copy=False),
             "labels": rec.labels[idx].astype(np.float32),
             "index": rec.rows[idx].astype(np.int64),
+            "position": idx,
         }
+        if self.load_images:
+            batch["image"] = np.stack(images).astype(np.float32, copy=False)
+        if self.extras is not None:
+            batch.update(self.extras(idx))
         if self.tokenizer is not None:
             batch["input_ids"] = self._tokens(captions)
         if self.return_captions:
