@@ -111,10 +111,10 @@ def test_text_cache_holds_every_variant_and_rejects_others(tmp_path):
     calls = []
 
     def encode(ids):
-        calls.append(ids.shape)
         return ids.astype(np.float32)[..., None] * np.ones((1, 1, 2), np.float32)
 
     def tokenize(texts):
+        calls.append(len(texts))  # called once per batch of captions encoded
         return np.array([[len(t), 1, 2] for t in texts], np.int32)
 
     cache = TextCache.build_or_load(str(tmp_path), "src.csv", captions, encode, tokenize, "h1")
