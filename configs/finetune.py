@@ -66,7 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 42
 
     c.model = ml_collections.ConfigDict()
-    c.model.path = path  # a diffusers folder, a hub id, or jaxmed:tiny-sd (bundled)
+    # a diffusers folder, a hub id, jaxmed:tiny-sd (bundled) or random:<test|tiny>[@res]
+    c.model.path = path
     c.model.variant = ""  # e.g. "fp16" to read *.fp16.safetensors
     c.model.allow_pickle = False  # read pickled .bin weights (runs code from the file)
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
@@ -110,6 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.vae_loss_weight = 1.0  # reconstruction term when the VAE trains (SEED.md)
     c.train.ema_decay = 0.0  # > 0 keeps an EMA of the trainable params, exported instead
     c.train.noise_offset = 0.0
+    c.train.objective = "diffusion"  # diffusion | autoencoder (VAE pretraining)
+    c.train.kl_weight = 1e-6  # autoencoder objective only
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -161,6 +161,24 @@ def diffusion_loss(sd: StableDiffusion, strategy: Strategy, trainable: Any, froz
     return loss, aux
 
 
+def autoencoder_loss(sd: StableDiffusion, strategy: Strategy, trainable: Any, frozen: Any,
+                     batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                     kl_weight: float = 1e-6) -> tuple[jax.Array, dict]:
+    """VAE pretraining (`configs/pretrain_tiny.py`): reconstruction MSE of a posterior
+    sample plus a small KL to N(0, I) (per latent element, SD's VAE used a tiny weight too)."""
+    params = strategy.combine(trainable, frozen)
+    with strategy.intercept("vae", trainable, frozen, rng=rng, train=True):
+        mean, logvar = sd.encode_images(params["vae"], batch["image"])
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+        recon = sd.vae.apply({"params": params["vae"]}, z, method=sd.vae.decode)
+    rec = jnp.mean(jnp.square(recon - batch["image"].astype(jnp.float32)))
+    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    return rec + kl_weight * kl, {"recon_loss": rec, "kl": kl}
+
+
+OBJECTIVES = ("diffusion", "autoencoder")
+
+
 def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict):
     """``step(state, frozen, batch) -> (state, metrics)``; batch leading dim = the global
@@ -170,7 +188,17 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: optax.GradientT
     base_rng = jax.random.PRNGKey(config.seed)
     ema_decay = float(config.train.ema_decay)
 
+    objective = config.train.objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"train.objective={objective!r}: choose one of {OBJECTIVES}")
+    if objective == "autoencoder" and set(strategy.trains) != {"vae"}:
+        raise ValueError("train.objective=autoencoder trains the VAE alone: use the 'vae' "
+                         f"strategy, not {strategy.name!r}")
+
     def loss_fn(trainable, frozen, micro, rng):
+        if objective == "autoencoder":
+            return autoencoder_loss(sd, strategy, trainable, frozen, micro, rng,
+                                    kl_weight=config.train.kl_weight)
         return diffusion_loss(sd, strategy, trainable, frozen, micro, rng,
                               prediction_type=prediction_type,
                               vae_loss_weight=config.train.vae_loss_weight,
@@ -194,9 +222,10 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: optax.GradientT
             return (g_acc, l_acc + loss, aux_acc), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
-        aux0 = {"diffusion_loss": jnp.zeros(())}
-        if "vae" in strategy.trains and config.train.vae_loss_weight:
-            aux0["vae_loss"] = jnp.zeros(())
+        aux0 = jax.tree_util.tree_map(
+            jnp.zeros_like, jax.eval_shape(loss_fn, state.trainable, frozen,
+                                           jax.tree_util.tree_map(lambda v: v[0], micro),
+                                           rng)[1])
         (grads, loss, aux), _ = jax.lax.scan(
             body, (zeros, jnp.zeros(()), aux0), (jnp.arange(accum), micro))
         grads = jax.tree_util.tree_map(lambda g: g / accum, grads)

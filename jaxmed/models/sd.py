@@ -60,6 +60,14 @@ class StableDiffusion:
         variant: str | None = None,
         allow_pickle: bool = False,
     ) -> tuple[StableDiffusion, dict]:
+        if path.startswith("random:"):  # a named tiny architecture, randomly initialised
+            from jaxmed.models import tiny
+
+            name, _, res = path[len("random:"):].partition("@")
+            cfgs = tiny.configs(name, int(res or 128))
+            sd = cls.from_configs(cfgs, tiny.SD15_SCHEDULER, tiny.clip_tokenizer(), dtype=dtype,
+                                  remat=remat, path=path)
+            return sd, jax.device_get(tiny.init_params(cfgs, 0))
         folder = resolve(path)
         pipe = weights.load_pipeline(folder, variant=variant or None, allow_pickle=allow_pickle)
         sd = cls.from_configs(pipe.configs, pipe.scheduler_config, pipe.tokenizer,

@@ -53,14 +53,14 @@ def configs(size: str = "test", image_size: int = 32) -> dict:
         u = dict(block_out_channels=(64, 128, 128), layers_per_block=1,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 cross_attention_dim=128, num_attention_heads=4, norm_num_groups=32,
+                 cross_attention_dim=64, num_attention_heads=4, norm_num_groups=32,
                  sample_size=image_size // 8)
-        v = dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4,
+        v = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=4,
                  norm_num_groups=32, sample_size=image_size,
                  down_block_types=("DownEncoderBlock2D",) * 4,
                  up_block_types=("UpDecoderBlock2D",) * 4)
-        t = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=4, projection_dim=128, vocab_size=49408,
+        t = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, projection_dim=64, vocab_size=49408,
                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
                  pad_token_id=49407)
     else:
