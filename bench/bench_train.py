@@ -1,0 +1,212 @@
+"""Train-step speed: jaxmed vs the authors' PyTorch recipe, same UNet, batch, machine.
+
+    python bench/bench_train.py                      # tiny + medium, 16x16 and 32x32 latents
+    python bench/bench_train.py --configs tiny --sizes 16 --strategies unet lora --steps 10
+
+The UNet configurations are DESIGN.md's (so the figures compare with its table): batch 4,
+fp32, text context (4, 77, cross_attention_dim), DDPM scaled_linear betas, AdamW lr 1e-4
+wd 1e-2, grad-norm clip 1.0, LoRA r8 alpha 16 on to_q/to_k/to_v/to_out.0.
+
+PyTorch: diffusers UNet2DConditionModel (+ peft for LoRA; biases only for BitFit) and
+torch.optim.AdamW, the step the authors' train script runs on cached latents.
+jaxmed: the real `jaxmed.train.make_train_step` (strategy registry, optax AdamW, clipping)
+on cached latents and text embeddings, i.e. what a study run executes.
+
+Each (framework, config, size, strategy) runs in its own process, so peak RSS is the
+child's own. Reported: median steady-state step time, compile time (jaxmed) / first-step
+time (torch), peak RSS, and the speed ratio torch/jaxmed (> 1 means jaxmed is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32),
+    "medium": dict(block_out_channels=(64, 128, 256), layers_per_block=2,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                     "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   cross_attention_dim=64),
+}
+BATCH = 4
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def torch_unet(cfg_name: str):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(in_channels=4, out_channels=4, attention_head_dim=8,
+                                norm_num_groups=32, **CONFIGS[cfg_name])
+
+
+def run_torch(cfg_name: str, size: int, strategy: str, steps: int) -> dict:
+    import torch
+    from diffusers import DDPMScheduler
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    unet = torch_unet(cfg_name)
+    if strategy == "lora":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    elif strategy == "bitfit":
+        for n, p in unet.named_parameters():
+            p.requires_grad_(n.endswith(".bias"))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(BATCH, 4, size, size, generator=g)
+    ctx = torch.randn(BATCH, 77, CONFIGS[cfg_name]["cross_attention_dim"], generator=g)
+    unet.train()
+
+    def step():
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (BATCH,), generator=g)
+        noisy = sched.add_noise(latents, noise, t)
+        pred = unet(noisy, t, ctx).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"first_step_s": first, "step_ms": 1000 * statistics.median(times),
+            "trainable": sum(p.numel() for p in params)}
+
+
+def run_jax(cfg_name: str, size: int, strategy: str, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxmed import train
+    from jaxmed.cli import load_config, set_override
+    from jaxmed.models import convert, tiny, unet
+    from jaxmed.models.sd import StableDiffusion
+    from jaxmed.strategies import count
+
+    tu = torch_unet(cfg_name)
+    ucfg = unet.UNetConfig.from_dict(dict(tu.config))
+    state = {k: v.detach().numpy() for k, v in tu.state_dict().items()}
+    uparams = convert.state_dict_to_params(state, unet.abstract_params(ucfg))
+    cfgs = tiny.configs("test")
+    cfgs["unet"] = ucfg
+    sd = StableDiffusion.from_configs(cfgs, tiny.SD15_SCHEDULER)
+    params = {"unet": uparams}  # cached latents + context: the VAE and text tower never run
+
+    c = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "finetune.py")
+                    + ":" + strategy)
+    for k, v in {"optim.grad_accum": 1}.items():
+        set_override(c, k, str(v))
+    opts = {"lrs": {"unet": 1e-4}} if strategy == "unet" else {"lr": 1e-4}
+    strat = train.strategies_lib.get(strategy, **opts)
+    trainable, frozen = strat.init(params, jax.random.PRNGKey(0))
+    tx = train.make_optimizer(strat, trainable, c.optim)
+    st = train.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                          opt_state=tx.init(trainable), ema=None,
+                          bad_step=jnp.full((), -1, jnp.int32))
+    step_fn = jax.jit(train.make_train_step(sd, strat, tx, c), donate_argnums=(0,))
+    rng = np.random.default_rng(0)
+    batch = {
+        "latent_mean": jnp.asarray(rng.standard_normal((BATCH, size, size, 4)), jnp.float32),
+        "latent_logvar": jnp.full((BATCH, size, size, 4), -20.0, jnp.float32),
+        "context": jnp.asarray(rng.standard_normal(
+            (BATCH, 77, CONFIGS[cfg_name]["cross_attention_dim"])), jnp.float32),
+    }
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(st, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    st, m = compiled(st, frozen, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        st, m = compiled(st, frozen, batch)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    out = {"compile_s": compile_s, "step_ms": 1000 * statistics.median(times),
+           "trainable": count(trainable)}
+    if mem is not None:
+        out["xla_temp_mb"] = getattr(mem, "temp_size_in_bytes", 0) / 2**20
+    return out
+
+
+def child(args) -> None:
+    fw, cfg_name, size, strategy, steps = args
+    fn = run_torch if fw == "torch" else run_jax
+    res = fn(cfg_name, int(size), strategy, int(steps))
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", nargs="+", default=["tiny", "medium"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[16, 32])
+    ap.add_argument("--strategies", nargs="+", default=["unet", "lora", "bitfit"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child)
+        return
+    rows = []
+    print(f"{'config':8} {'latent':>6} {'strategy':8} {'torch ms':>9} {'jaxmed ms':>9} "
+          f"{'speedup':>7} {'jax compile s':>13} {'torch MB':>9} {'jax MB':>8}")
+    for cfg_name in a.configs:
+        for size in a.sizes:
+            for strategy in a.strategies:
+                res = {}
+                for fw in ("torch", "jax"):
+                    p = subprocess.run([sys.executable, __file__, "--child", fw, cfg_name,
+                                        str(size), strategy, str(a.steps)],
+                                       capture_output=True, text=True)
+                    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                    if p.returncode or not line:
+                        raise SystemExit(f"{fw} {cfg_name} {size} {strategy} failed:\n"
+                                         f"{p.stderr[-3000:]}")
+                    res[fw] = json.loads(line[0][7:])
+                t, j = res["torch"], res["jax"]
+                row = {"config": cfg_name, "latent": size, "strategy": strategy,
+                       "torch_ms": t["step_ms"], "jax_ms": j["step_ms"],
+                       "speedup": t["step_ms"] / j["step_ms"], "jax_compile_s": j["compile_s"],
+                       "torch_rss_mb": t["peak_rss_mb"], "jax_rss_mb": j["peak_rss_mb"],
+                       "trainable_torch": t["trainable"], "trainable_jax": j["trainable"]}
+                rows.append(row)
+                print(f"{cfg_name:8} {size:>6} {strategy:8} {row['torch_ms']:9.1f} "
+                      f"{row['jax_ms']:9.1f} {row['speedup']:6.2f}x {row['jax_compile_s']:13.1f} "
+                      f"{row['torch_rss_mb']:9.0f} {row['jax_rss_mb']:8.0f}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
