@@ -68,6 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     # a diffusers folder, a hub id, jaxmed:tiny-sd (bundled) or random:<test|tiny>[@res]
     c.model.path = path
+    # "" = read config.json under model.path; sd15 | sd21 | test | tiny: a built-in
+    # architecture (no weights needed; what jaxmed.inspect uses)
+    c.model.arch = ""
     c.model.variant = ""  # e.g. "fp16" to read *.fp16.safetensors
     c.model.allow_pickle = False  # read pickled .bin weights (runs code from the file)
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)

@@ -6,6 +6,7 @@ lora, dora, bitfit, difffit. Beyond the study: difffit-orig, svdiff, attn.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -30,7 +31,7 @@ STUDY = (
 EXTRAS = ("difffit-orig", "svdiff", "attn")
 
 _FACTORIES: dict[str, Callable[..., Strategy]] = {
-    **{n: (lambda lrs=None, n=n: _full.full(n, lrs)) for n in _full.STUDY_FULL},
+    **{n: functools.partial(_full.full, n) for n in _full.STUDY_FULL},
     "lora": _lora.lora,
     "dora": _lora.dora,
     "bitfit": _bitfit.bitfit,

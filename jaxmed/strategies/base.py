@@ -147,6 +147,31 @@ class Strategy:
         """(trainable, frozen) as ShapeDtypeStructs, without memory."""
         return jax.eval_shape(lambda p: self.init(p, jax.random.PRNGKey(0)), abstract_params)
 
+    def require_components(self, params: Params, components: Iterable[str] | None = None):
+        """StrategyError unless every component this strategy trains is in ``params``."""
+        missing = [c for c in (self.trains if components is None else components)
+                   if c not in params]
+        if missing:
+            raise StrategyError(
+                f"strategy {self.name!r} trains {list(self.trains)} but the parameter tree "
+                f"has no {missing} (it holds {sorted(params)})"
+            )
+
+
+def module_names(params: Mapping, kinds: Iterable[str] | None = None) -> list[str]:
+    """Sorted PyTorch module names of one component's parameter tree (optionally only the
+    modules holding a leaf of the given `leaf_kind`s): what target patterns are matched
+    against, for error messages."""
+    kinds = set(kinds) if kinds is not None else None
+    return sorted({module_of(p) for p, v in flatten(params).items()
+                   if kinds is None or leaf_kind(p, v) in kinds})
+
+
+def describe_names(names: list[str], n: int = 4) -> str:
+    if len(names) <= 2 * n:
+        return str(names)
+    return f"{names[:n]} ... {names[-n:]}"
+
 
 def split_by(params: Params, select: Callable[[str, tuple[str, ...], Any], bool]):
     """(selected, rest) by a predicate on (component, path, leaf)."""
@@ -162,12 +187,23 @@ class MaskStrategy(Strategy):
     """Fine-tune the leaves a predicate selects; everything else is frozen as is."""
 
     select: Callable[[str, tuple[str, ...], Any], bool] = lambda c, p, v: False
+    pattern: Any = None  # the target pattern behind `select`, if any (for error messages)
 
     def init(self, params: Params, rng: jax.Array) -> tuple[Params, Params]:
+        self.require_components(params)
         trainable, frozen = split_by(params, self.select)
-        if not jax.tree_util.tree_leaves(trainable):
+        empty = [c for c in self.trains if not jax.tree_util.tree_leaves(trainable.get(c, {}))]
+        if empty:
+            c = empty[0]
+            names = module_names(params[c])
+            if self.pattern is None:
+                raise StrategyError(
+                    f"strategy {self.name!r} selects no parameter of the {c} (its "
+                    f"{len(names)} modules are such as {describe_names(names)})")
             raise StrategyError(
-                f"strategy {self.name!r} selects no parameter of the components given "
-                f"({sorted(params)}); it trains {list(self.trains)}"
+                f"strategy {self.name!r}: its pattern {self.pattern!r} selects no parameter of "
+                f"the {c}. Patterns are matched as peft's target_modules (a list entry: the "
+                "exact module name or a dotted suffix of it; a string: a full regex) against "
+                f"its {len(names)} module names, such as {describe_names(names)}"
             )
         return trainable, frozen

@@ -33,6 +33,7 @@ class DeltaStrategy(Strategy):
     """W + dW on every Linear / Conv kernel of the trained components."""
 
     def init(self, params: Params, rng: jax.Array) -> tuple[Params, Params]:
+        self.require_components(params)
         kernels, _ = split_by(
             params, lambda c, p, v: c in self.trains and leaf_kind(p, v) in ("linear", "conv")
         )
@@ -71,6 +72,7 @@ def _is_branch_end(module_path: tuple[str, ...]) -> bool:
 @dataclasses.dataclass(frozen=True)
 class DiffFitOrig(Strategy):
     def init(self, params: Params, rng: jax.Array) -> tuple[Params, Params]:
+        self.require_components(params)
         trainable, frozen = split_by(
             params, lambda c, p, v: c in self.trains and leaf_kind(p, v) in ("bias", "norm")
         )

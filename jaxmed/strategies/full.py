@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxmed.strategies.base import MaskStrategy, match_targets, module_of
+from jaxmed.strategies.base import MaskStrategy, StrategyError, match_targets, module_of
 
 # The study's learning rates (SEED.md): the UNet at 1e-5; the text encoder at 5e-6 alone,
 # 1e-6 beside the UNet; the VAE at 1e-6.
@@ -18,8 +18,16 @@ STUDY_FULL = {
 
 
 def full(name: str, lrs: dict[str, float] | None = None) -> MaskStrategy:
+    """Train every parameter of the components in ``name``; ``lrs`` overrides their learning
+    rates (it cannot add a component: pick the strategy that trains it)."""
     groups = dict(STUDY_FULL[name])
-    groups.update(lrs or {})
+    extra = sorted(set(lrs or {}) - set(groups))
+    if extra:
+        raise StrategyError(
+            f"strategy {name!r} trains {sorted(groups)}; lrs names {extra}, which it does not "
+            f"train (the strategies {sorted(STUDY_FULL)} say which components train)"
+        )
+    groups.update({k: float(v) for k, v in (lrs or {}).items()})
     comps = tuple(groups)
     return MaskStrategy(
         name=name,
@@ -37,6 +45,9 @@ ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 def attn(lr: float = 1e-5, targets=ATTN_TARGETS) -> MaskStrategy:
     """Full fine-tuning of the UNet's attention projections (weights and biases)."""
     targets = tuple(targets) if not isinstance(targets, str) else targets
+    if not targets:
+        raise StrategyError("attn: targets is empty; give module names such as "
+                            f"{ATTN_TARGETS} or a regex")
     return MaskStrategy(
         name="attn",
         description="full fine-tuning of UNet attention projections " + str(targets),
@@ -44,4 +55,5 @@ def attn(lr: float = 1e-5, targets=ATTN_TARGETS) -> MaskStrategy:
         lrs=(("unet", lr),),
         per_device_batch=4,
         select=lambda c, p, v: c == "unet" and match_targets(targets, module_of(p)),
+        pattern=targets,
     )

@@ -21,6 +21,7 @@ SHIFT, U, S, VT = "spectral_shift", "svd_u", "svd_s", "svd_vt"
 @dataclasses.dataclass(frozen=True)
 class SVDiffStrategy(Strategy):
     def init(self, params: Params, rng: jax.Array) -> tuple[Params, Params]:
+        self.require_components(params)
         trainable, frozen = {}, {}
         for c, sub in params.items():
             flat = flatten(sub)
