@@ -365,7 +365,9 @@ class Trainer:
 
         self.tx = make_optimizer(self.strategy, trainable, config.optim)
         opt_state = jax.jit(self.tx.init)(trainable)
-        ema = trainable if config.train.ema_decay > 0 else None
+        # A copy: the EMA must not share (donated) buffers with the weights.
+        ema = (jax.tree_util.tree_map(jnp.copy, trainable) if config.train.ema_decay > 0
+               else None)
         self.state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                                 opt_state=opt_state, ema=ema,
                                 bad_step=jnp.full((), -1, jnp.int32))
