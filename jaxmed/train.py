@@ -378,7 +378,6 @@ class Trainer:
             lambda x: x.sharding if x.sharding.device_set == mesh_devices else repl, self.state)
         self.state = jax.device_put(self.state, self.state_shardings)
         step_fn = make_train_step(self.sd, self.strategy, self.tx, config)
-        self.batch_sharding = sharding.batch_sharding(self.mesh, 1)
         self.train_step = jax.jit(
             step_fn, donate_argnums=(0,),
             out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
