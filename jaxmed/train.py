@@ -226,8 +226,13 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: optax.GradientT
             jnp.zeros_like, jax.eval_shape(loss_fn, state.trainable, frozen,
                                            jax.tree_util.tree_map(lambda v: v[0], micro),
                                            rng)[1])
+        # XLA:CPU runs convolution weight gradients inside a while loop up to ~60x slower
+        # (a 3x3 conv's wgrad: 2.9 s in lax.scan vs 46 ms unrolled; VAE strategies at
+        # 128 px: 22 s vs 1.1 s a step), so on CPU the accumulation loop is unrolled; on
+        # accelerators it stays a loop (one compiled body, less compile time and memory).
+        unroll = True if jax.default_backend() == "cpu" else 1
         (grads, loss, aux), _ = jax.lax.scan(
-            body, (zeros, jnp.zeros(()), aux0), (jnp.arange(accum), micro))
+            body, (zeros, jnp.zeros(()), aux0), (jnp.arange(accum), micro), unroll=unroll)
         grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
         loss = loss / accum
         aux = {k: v / accum for k, v in aux.items()}
