@@ -180,9 +180,11 @@ def find_weight_files(
     variant is used with a log line.
     """
     present = set(os.listdir(component_dir))
-    pattern = re.compile(rf"{re.escape(base)}\.(\w+)\.safetensors$")
+    # variants present: a.fp16.safetensors, or sharded with a.safetensors.index.fp16.json
+    pattern = re.compile(rf"{re.escape(base)}(?:\.(\w+)\.safetensors|\.safetensors\.index\."
+                         rf"(\w+)\.json)$")
     variants = [variant] if variant else [None] + sorted(
-        {m.group(1) for f in present if (m := pattern.match(f))}
+        {m.group(1) or m.group(2) for f in present if (m := pattern.match(f))}
     )
     for v in variants:
         for ext, kind in ((".safetensors", "safetensors"), (".bin", "bin")):
