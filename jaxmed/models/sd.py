@@ -31,8 +31,8 @@ def resolve(path: str) -> str:
         if not os.path.isdir(folder):
             raise FileNotFoundError(
                 f"{path} should be bundled at {folder} but is missing; reinstall jaxmed from a "
-                "full checkout, or rebuild it with `python -m jaxmed.train --config "
-                "configs/pretrain_tiny.py`"
+                "full checkout, or rebuild it with `python launch/pretrain_tiny.py` "
+                "(about 90 minutes on 2 CPU cores)"
             )
         return folder
     return path
