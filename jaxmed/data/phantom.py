@@ -1084,6 +1084,51 @@ def make_dataset(out_dir: str, n_patients: int = 100, images_per_patient: int = 
     return paths
 
 
+DATASET_MARKER = "phantom_dataset.json"
+
+
+def _assets_version() -> str:
+    """A short hash of the asset metadata: a rebuilt asset set invalidates old datasets."""
+    import hashlib
+
+    with open(os.path.join(ASSET_DIR, "meta.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def ensure_dataset(out_dir: str, n_patients: int = 100, resolution: int = 256, seed: int = 0,
+                   images_per_patient: int = 2,
+                   splits: Sequence[float] = (0.7, 0.15, 0.15),
+                   progress: bool = True) -> dict:
+    """`make_dataset` once: reuse ``out_dir`` when its marker records the same parameters.
+
+    The marker (``phantom_dataset.json``, written last, atomically) holds the parameters
+    and the asset version; a folder without it, or with other parameters, or with a split
+    CSV missing, is (re)generated. Returns {split: csv path}.
+    """
+    meta = {"format": "jaxmed.phantom/1", "n_patients": int(n_patients),
+            "images_per_patient": int(images_per_patient), "resolution": int(resolution),
+            "seed": int(seed), "splits": [float(s) for s in splits],
+            "assets": _assets_version()}
+    marker = os.path.join(out_dir, DATASET_MARKER)
+    paths = {k: os.path.join(out_dir, f"{k}.csv") for k in ("train", "valid", "test")}
+    try:
+        with open(marker) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    if old == meta and all(os.path.isfile(p) for p in paths.values()):
+        return paths
+    if os.path.exists(marker):
+        os.remove(marker)  # a half-rewritten folder is never taken for the old dataset
+    paths = make_dataset(out_dir, n_patients, images_per_patient, resolution, seed,
+                         tuple(splits), progress=progress)
+    tmp = marker + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, marker)
+    return paths
+
+
 def make_combination_csv(labels: Iterable, counts, path: str | None = None) -> list[dict]:
     """Rows for the synthesis step's combination CSV: the 8 label columns + ``count``.
 

