@@ -67,10 +67,13 @@ def step_time(strategy: str, px: int, cache: str, steps: int, data_dir: str) -> 
 def study_time(cache: str) -> float:
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "jaxmed.study", "--config",
-                        os.path.join(ROOT, "configs", "study.py") + ":ci", "--workdir", wd,
-                        f"--config.cache.latents={cache}", f"--config.cache.text={cache}"],
-                       check=True, stdout=subprocess.DEVNULL)
+        r = subprocess.run([sys.executable, "-m", "jaxmed.study", "--config",
+                            os.path.join(ROOT, "configs", "study.py") + ":ci", "--workdir", wd,
+                            "--config.finetune.overrides="
+                            f"cache.latents={cache};cache.text={cache}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode:
+            sys.exit(f"the ci study failed (cache={cache}):\n{r.stderr[-3000:]}")
         return time.perf_counter() - t0
 
 

@@ -650,8 +650,7 @@ def three_findings(study: Study, results: dict, names: Sequence[str], fid_key: s
         if other:
             ev += "; strategies that leave the UNet frozen: " + ", ".join(
                 f"{m} {f(ov(m, fid_key))}" for m in other)
-        out.append({"claim": claim, "reproduced": len(better) == len(unet), "evidence": ev,
-                    "partial": 0 < len(better) < len(unet)})
+        out.append(_count_verdict(claim, ev, len(better), len(unet)))
     # (2) alignment
     claim = ("They improve prompt-image alignment (the judge's macro AUROC against the "
              "prompts' labels) against the base")
@@ -665,8 +664,7 @@ def three_findings(study: Study, results: dict, names: Sequence[str], fid_key: s
         ev = (f"base {b:.3f}; higher in {len(better)}/{len(unet)} UNet-training strategies ("
               + ", ".join(f"{m} {ov(m, 'align_auroc'):.3f}" for m in unet
                           if ov(m, "align_auroc") is not None) + ")")
-        out.append({"claim": claim, "reproduced": len(better) == len(unet), "evidence": ev,
-                    "partial": 0 < len(better) < len(unet)})
+        out.append(_count_verdict(claim, ev, len(better), len(unet)))
     # (3) downstream at the scarcest fraction
     tuned = [m for m in names if m != BASE and ov(m, fid_key) is not None]
     label = _frac_label(scarcest) if scarcest is not None else "?"
@@ -698,13 +696,20 @@ def three_findings(study: Study, results: dict, names: Sequence[str], fid_key: s
     return out
 
 
+def _count_verdict(claim: str, evidence: str, n_yes: int, n: int) -> dict:
+    """A claim about every UNet-training strategy: reproduced when it holds for all of them,
+    partly when for a majority, not reproduced otherwise (the count is always shown)."""
+    return {"claim": claim, "evidence": evidence, "reproduced": n_yes == n,
+            "partial": n_yes < n and 2 * n_yes > n, "count": [n_yes, n]}
+
+
 def _verdict(f: dict) -> str:
     if f["reproduced"] is None:
         return "NOT TESTED"
+    k = f" ({f['count'][0]}/{f['count'][1]} strategies)" if f.get("count") else ""
     if f["reproduced"]:
-        return "REPRODUCED"
-    return "PARTLY REPRODUCED (not for every strategy)" if f.get("partial") else \
-        "NOT REPRODUCED"
+        return "REPRODUCED" + k
+    return ("PARTLY REPRODUCED" if f.get("partial") else "NOT REPRODUCED") + k
 
 
 def _results_markdown(study, results, names, headers, table, conds, findings, fid_key,

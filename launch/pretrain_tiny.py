@@ -26,10 +26,8 @@ stages also resume from their own checkpoints):
 
 Wall-clock times of each stage go to ``ROOT/timings.json`` and into the README.
 
-The training stages run ``jaxmed.train`` in a child process through this file's ``train``
-sub-command, which first applies `patch_train_scan` (see there: XLA:CPU runs gradients
-15-20x slower inside the train step's ``lax.scan``; harmless once jaxmed/train.py avoids
-the loop itself).
+The training stages run ``python -m jaxmed.train`` in a child process (one process per
+stage, so each stage's memory is returned).
 """
 
 from __future__ import annotations
@@ -69,60 +67,6 @@ DOC_PROMPTS = (
 
 # ---------------------------------------------------------------------------------------
 # The CPU work-around for the training step
-
-
-def patch_train_scan(max_unroll: int = 8) -> None:
-    """Make ``jaxmed.train``'s gradient-accumulation ``lax.scan`` a Python loop.
-
-    On XLA:CPU (jax 0.10.2) a gradient computed inside a while loop is 15-20x slower than
-    the same gradient outside one (measured here: tiny VAE at 64 px, batch 8: 0.49 s plain,
-    10.7 s in ``lax.scan`` of length 1 -- ``unroll=True`` does not help for length 1; tiny
-    UNet, batch 16: 0.36 s vs 5.7 s); forward passes in loops are unaffected. The train
-    step of jaxmed/train.py scans over micro-batches even for grad_accum=1. This swaps the
-    ``jax`` that jaxmed.train sees for a proxy whose ``lax.scan`` unrolls short scans
-    (length <= ``max_unroll``) in Python -- the same computation, no loop -- and leaves
-    every other module's jax untouched.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from jaxmed import train
-
-    real_scan = jax.lax.scan
-
-    def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
-        leaves = jax.tree_util.tree_leaves(xs)
-        n = length if not leaves else leaves[0].shape[0]
-        if reverse or n is None or n > max_unroll:
-            return real_scan(f, init, xs, length=length, reverse=reverse, unroll=unroll,
-                             **kwargs)
-        carry, ys = init, []
-        for i in range(n):
-            x_i = None if xs is None else jax.tree_util.tree_map(lambda a, i=i: a[i], xs)
-            carry, y = f(carry, x_i)
-            ys.append(y)
-        if all(y is None for y in ys):
-            return carry, None
-        return carry, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
-
-    class _Proxy:
-        def __init__(self, target, **overrides):
-            self._target = target
-            self.__dict__.update(overrides)
-
-        def __getattr__(self, name):
-            return getattr(self._target, name)
-
-    if not isinstance(train.jax, _Proxy) and type(train.jax).__name__ != "_Proxy":
-        train.jax = _Proxy(jax, lax=_Proxy(jax.lax, scan=scan))
-
-
-def train_cli(argv: list[str]) -> int:
-    """``python launch/pretrain_tiny.py train ARGS``: jaxmed.train.main(ARGS), patched."""
-    patch_train_scan()
-    from jaxmed import train
-
-    return train.main(argv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,7 +117,7 @@ def _train(a, stage: str, steps: int | None, extra: list[str]) -> None:
     if _done(workdir, steps):
         print(f"[pretrain_tiny] {stage}: already done ({workdir})", flush=True)
         return
-    cmd = [sys.executable, os.path.abspath(__file__), "train",
+    cmd = [sys.executable, "-m", "jaxmed.train",
            "--config", f"{CONFIG}:{stage},{a.root}", "--workdir", workdir,
            f"--config.train.max_steps={steps}", *extra]
     print("[pretrain_tiny] " + " ".join(cmd), flush=True)
@@ -394,8 +338,6 @@ licence.
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        return train_cli(argv[1:])
     p = argparse.ArgumentParser("python launch/pretrain_tiny.py",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=os.path.join(REPO, "runs", "pretrain_tiny"))
