@@ -146,3 +146,20 @@ def parse(
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache for the command-line tools: a rerun (a resumed
+    study, a second strategy of the same shape) loads compiled steps instead of compiling.
+    ``$JAXMED_COMPILATION_CACHE``, else ``$JAXMED_CACHE/xla`` (default ``~/.cache/jaxmed``)."""
+    import logging
+
+    import jax
+
+    d = os.environ.get("JAXMED_COMPILATION_CACHE") or os.path.join(
+        os.environ.get("JAXMED_CACHE", os.path.expanduser("~/.cache/jaxmed")), "xla")
+    try:
+        jax.config.update("jax_compilation_cache_dir", d)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception as e:  # noqa: BLE001 - a cache is an optimisation only
+        logging.getLogger("jaxmed").warning("no persistent compilation cache: %s", e)

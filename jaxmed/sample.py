@@ -761,6 +761,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("JAXMED_DISTRIBUTED") == "1":
             jax.distributed.initialize()
         from jaxmed import sharding
+        from jaxmed.cli import enable_compilation_cache
+
+        enable_compilation_cache()
 
         mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp, 1)
         sd, params = load_for_sampling(args.model, dtype=args.dtype)

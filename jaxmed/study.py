@@ -51,8 +51,6 @@ import numpy as np
 from jaxmed.eval import report
 from jaxmed.evaluate import ALL, SIX
 
-log = logging.getLogger("jaxmed.study")
-
 BASE = "base"
 FINETUNE_CONFIG = "configs/finetune.py"
 
@@ -813,24 +811,12 @@ def _steps_text(c) -> str:
 # ------------------------------------------------------------------------ command line
 
 
-def _compilation_cache() -> None:
-    import jax
-
-    d = os.environ.get("JAXMED_COMPILATION_CACHE") or os.path.join(
-        os.environ.get("JAXMED_CACHE", os.path.expanduser("~/.cache/jaxmed")), "xla")
-    try:
-        jax.config.update("jax_compilation_cache_dir", d)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    except Exception as e:  # noqa: BLE001 - a cache is an optimisation only
-        log.warning("no persistent compilation cache: %s", e)
-
-
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return Study(config, workdir).run()
 
 
 def main(argv=None) -> int:
-    from jaxmed.cli import ConfigError, parse
+    from jaxmed.cli import ConfigError, enable_compilation_cache, parse
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -838,7 +824,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _compilation_cache()
+    enable_compilation_cache()
     try:
         out = run_study(config, args.workdir)
     except (ValueError, FileNotFoundError) as err:

@@ -660,7 +660,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
 
 
 def main(argv=None) -> int:
-    from jaxmed.cli import ConfigError, parse
+    from jaxmed.cli import ConfigError, enable_compilation_cache, parse
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -670,6 +670,7 @@ def main(argv=None) -> int:
         return 2
     if os.environ.get("JAXMED_DISTRIBUTED") == "1":
         jax.distributed.initialize()
+    enable_compilation_cache()
     train(config, args.workdir)
     return 0
 
