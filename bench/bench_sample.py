@@ -41,16 +41,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jaxmed import sample  # noqa: E402
 from jaxmed.models import clip_text, tiny, unet, vae, weights  # noqa: E402
 
-UNETS = {
-    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32),
-    "medium": dict(block_out_channels=(64, 128, 256), layers_per_block=2,
-                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
-                                     "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                   cross_attention_dim=64),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import CONFIGS  # noqa: E402
+
+UNETS = CONFIGS  # the UNets of bench_train.py, so both benchmarks measure the same models
 
 
 def write_model(folder: str, name: str, latent: int) -> str:

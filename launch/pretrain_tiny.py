@@ -49,24 +49,13 @@ DEST = os.path.join(REPO, "jaxmed", "assets", "tiny-sd")
 MAX_MB = 30.0
 STAGES = ("corpus", "vae", "vae-hr", "scale", "unet", "install")
 
-DOC_PROMPTS = (
-    "a photo of a cat",
-    "a texture of red bricks",
-    "a black and white photo of the moon",
-    "a photo of a cup of coffee",
-    "a texture of green grass",
-    "a photo of galaxies in deep space",
-    "a photo of an astronaut",
-    "a blue and yellow checkerboard",
+# The docs grid: the training config's sample prompts (what the model was watched on) + these.
+EXTRA_DOC_PROMPTS = (
     "a photo of a red motorcycle",
     "a photo of an orange flower",
     "a black and white photo of old coins",
     "a photo of a chinese temple",
 )
-
-
-# ---------------------------------------------------------------------------------------
-# The CPU work-around for the training step
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,15 +176,17 @@ def write_docs(a) -> None:
     import numpy as np
     from PIL import Image
 
+    from jaxmed.cli import load_config
     from jaxmed.data import load_image, read_folder_csv
     from jaxmed.sample import generate, grid, load_for_sampling
 
     docs = os.path.join(REPO, "docs")
     os.makedirs(docs, exist_ok=True)
+    prompts = [*load_config(f"{CONFIG}:unet,{a.root}").log.sample_prompts, *EXTRA_DOC_PROMPTS]
     sd, params = load_for_sampling(a.dest)
-    images = generate(sd, params, list(DOC_PROMPTS), sampler="pndm", num_steps=25,
+    images = generate(sd, params, prompts, sampler="pndm", num_steps=25,
                       guidance_scale=5.0, height=128, width=128, seed=a.seed)
-    grid(images, list(DOC_PROMPTS), cols=4).save(os.path.join(docs, "tiny_sd_samples.png"))
+    grid(images, prompts, cols=4).save(os.path.join(docs, "tiny_sd_samples.png"))
 
     records = read_folder_csv(os.path.join(a.root, "corpus", "captions.csv"))
     pick = np.linspace(0, len(records) - 1, 8).astype(int)
