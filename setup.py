@@ -15,7 +15,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["jaxmed", "jaxmed.*"]),
     include_package_data=True,
-    package_data={"jaxmed": ["assets/**/*"]},
+    # cpu_attention.cc is compiled on the user's machine at first use (jaxmed.models.cpu_attention).
+    package_data={"jaxmed": ["assets/**/*", "models/*.cc"]},
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxmed.models import cpu_attention
+
 Dtype = Any
 Axes = tuple[str | None, ...]
 
@@ -180,8 +182,11 @@ def attention(
     b, lq, c = q.shape
     lk = k.shape[1]
     d = c // heads
-    if mask is None and b * heads * lq * lk > _BLOCK_ELEMS and jax.default_backend() == "cpu":
-        return _blocked_attention(q, k, v, heads, upcast)
+    if mask is None and b * heads * lq * lk > _KERNEL_ELEMS and jax.default_backend() == "cpu":
+        if cpu_attention.available():
+            return _kernel_attention(q, k, v, heads)
+        if b * heads * lq * lk > _BLOCK_ELEMS:
+            return _blocked_attention(q, k, v, heads, upcast)
     qh = q.reshape(b, lq, heads, d)
     kh = k.reshape(b, lk, heads, d)
     vh = v.reshape(b, lk, heads, d)
@@ -196,8 +201,24 @@ def attention(
     return out.reshape(b, lq, c).astype(dtype)
 
 
-# Logits elements per block of the CPU attention (4 MB in float32: stays in cache).
+# Logits elements above which CPU attention runs in the C++ kernel (below, a custom call
+# costs more than XLA's fused softmax) and, without the kernel, block by block (4 MB in
+# float32 per block: stays in cache).
+_KERNEL_ELEMS = 1 << 20
 _BLOCK_ELEMS = 1 << 20
+
+
+def _kernel_attention(q, k, v, heads: int) -> jax.Array:
+    """`cpu_attention.attention` on (B, heads, L, d) float32 views; always upcasts."""
+    b, lq, c = q.shape
+    lk = k.shape[1]
+    d = c // heads
+
+    def split(x, n):
+        return x.reshape(b, n, heads, d).transpose(0, 2, 1, 3).astype(jnp.float32)
+
+    out = cpu_attention.attention(split(q, lq), split(k, lk), split(v, lk), d**-0.5)
+    return out.transpose(0, 2, 1, 3).reshape(b, lq, c).astype(q.dtype)
 
 
 def _divisor_at_most(n: int, m: int) -> int:
