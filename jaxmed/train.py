@@ -62,6 +62,37 @@ def build_strategy(cfg: ml_collections.ConfigDict) -> Strategy:
     return strategies_lib.get(cfg.name, **opts)
 
 
+def scale_by_adam_guarded(b1: float, b2: float, eps: float
+                          ) -> optax.GradientTransformationExtraArgs:
+    """optax.scale_by_adam (same arithmetic, same state) whose update takes the extra
+    argument ``ok``: when it is False the count and moments stay as they were.
+
+    Guarding here rather than selecting old-or-new over the whole state afterwards lets the
+    moments be updated in place and then read by the parameter update
+    (optimization_barrier: otherwise XLA recomputes them inside the parameter update from
+    the old moments, which it must first copy). Medium UNet step on 2 CPU cores: ~184 ->
+    ~175 ms."""
+    init = optax.scale_by_adam(b1=b1, b2=b2, eps=eps).init
+
+    def update(updates, state, params=None, *, ok=True, **extra_args):
+        del params, extra_args
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+
+        def keep(new, old):
+            return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        mu, nu, count = keep(mu, state.mu), keep(nu, state.nu), keep(count, state.count)
+        mu, nu = jax.lax.optimization_barrier((mu, nu))
+        mu_hat = optax.tree.bias_correction(mu, b1, count)
+        nu_hat = optax.tree.bias_correction(nu, b2, count)
+        updates = jax.tree_util.tree_map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_optimizer(strategy: Strategy, trainable: Any, cfg: ml_collections.ConfigDict,
                    lrs: Mapping[str, float] | None = None) -> optax.GradientTransformation:
     """AdamW per component (its own constant lr, optional warmup), after global-norm
@@ -81,8 +112,10 @@ def make_optimizer(strategy: Strategy, trainable: Any, cfg: ml_collections.Confi
             sched = optax.join_schedules(
                 [optax.linear_schedule(0.0, lr, cfg.warmup_steps), optax.constant_schedule(lr)],
                 [cfg.warmup_steps])
-        return optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay)
+        # optax.adamw's chain, with the non-finite-step guard inside the moment update.
+        return optax.chain(scale_by_adam_guarded(cfg.b1, cfg.b2, cfg.eps),
+                           optax.add_decayed_weights(cfg.weight_decay),
+                           optax.scale_by_learning_rate(sched))
 
     tx = optax.multi_transform({c: adamw(lrs[c]) for c in used}, labels)
     if cfg.clip_norm and cfg.clip_norm > 0:
@@ -243,7 +276,8 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: optax.GradientT
         loss = loss / accum
         aux = {k: v / accum for k, v in aux.items()}
         gnorm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable, ok=ok)
         trainable = optax.apply_updates(state.trainable, updates)
         ema = state.ema
         if ema_decay > 0:
@@ -252,10 +286,13 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: optax.GradientT
             t = state.step.astype(jnp.float32)
             d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
             ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, trainable)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        # A non-finite step changes nothing: the state stays the last good one.
-        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda a, b: jnp.where(ok, a, b), new, old)
+        # A non-finite step changes nothing: the state stays the last good one (Adam's
+        # moments are already guarded inside the optimizer: scale_by_adam_guarded).
+        def keep(new, old):
+            return jax.tree_util.tree_map(
+                lambda a, b: a if isinstance(a, optax.ScaleByAdamState) else jnp.where(ok, a, b),
+                new, old, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+
         new_state = TrainState(
             step=state.step + 1,
             trainable=keep(trainable, state.trainable),

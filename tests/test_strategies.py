@@ -549,6 +549,44 @@ def test_steps_move_only_intended_leaves(tiny, name):
         assert set(before) == moved
 
 
+def test_guarded_adamw_equals_optax_and_skips_bad_steps():
+    """make_optimizer's AdamW (guard inside the moment update) against optax.adamw with
+    the same clipping and warm-up, over 3 steps; then a step with ok=False changes nothing."""
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.asarray(rng.standard_normal((3, 5)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal((7,)), jnp.float32)}
+    s = strategies.get("unet")
+    cfg = _optim(clip_norm=1.0, warmup_steps=2, weight_decay=0.01)
+    lr = 1e-2
+    ours = train.make_optimizer(s, {"unet": params}, cfg, lrs={"unet": lr})
+    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, 2),
+                                  optax.constant_schedule(lr)], [2])
+    ref = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.01))
+    p_ours, p_ref = {"unet": params}, params
+    o_ours, o_ref = ours.init(p_ours), ref.init(p_ref)
+    step_ours = jax.jit(lambda g, o, p, ok: ours.update(g, o, p, ok=ok))
+    for i in range(3):
+        g = jax.tree_util.tree_map(lambda x: jnp.sin(x * (i + 1)) * 3, p_ref)
+        u, o_ours = step_ours({"unet": g}, o_ours, p_ours, True)
+        p_ours = optax.apply_updates(p_ours, u)
+        u, o_ref = ref.update(g, o_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, u)
+        for k in params:
+            np.testing.assert_allclose(p_ours["unet"][k], p_ref[k], rtol=1e-6, atol=1e-7)
+    g = jax.tree_util.tree_map(lambda x: x * jnp.nan, p_ref)
+    _, o_bad = step_ours({"unet": g}, o_ours, p_ours, False)
+    adam = [x for x in jax.tree_util.tree_leaves(
+        o_bad, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(x, optax.ScaleByAdamState)]
+    adam_before = [x for x in jax.tree_util.tree_leaves(
+        o_ours, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(x, optax.ScaleByAdamState)]
+    assert len(adam) == 1 and int(adam[0].count) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(adam), jax.tree_util.tree_leaves(adam_before)):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------
 # Gradient clipping covers adapters unless optim.clip_adapters=False
 
