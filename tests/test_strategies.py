@@ -567,7 +567,7 @@ def test_guarded_adamw_equals_optax_and_skips_bad_steps():
     o_ours, o_ref = ours.init(p_ours), ref.init(p_ref)
     step_ours = jax.jit(lambda g, o, p, ok: ours.update(g, o, p, ok=ok))
     for i in range(3):
-        g = jax.tree_util.tree_map(lambda x: jnp.sin(x * (i + 1)) * 3, p_ref)
+        g = jax.tree_util.tree_map(lambda x, f=i + 1: jnp.sin(x * f) * 3, p_ref)
         u, o_ours = step_ours({"unet": g}, o_ours, p_ours, True)
         p_ours = optax.apply_updates(p_ours, u)
         u, o_ref = ref.update(g, o_ref, p_ref)
