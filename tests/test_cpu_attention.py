@@ -100,6 +100,19 @@ def test_layers_attention_uses_kernel_above_threshold(dtype, tol):
     np.testing.assert_allclose(np.asarray(out, np.float32), _mha(q, k, v, heads), atol=tol)
 
 
+@pytest.mark.parametrize("b,heads,lq,lk,c,kernel", [
+    (2, 8, 1024, 77, 320, False),  # SD 1.5 cross-attention (d=40, 77 keys): XLA's matmuls
+    (2, 8, 256, 256, 320, False),  # wide heads, 1M logits: XLA's fused softmax
+    (4, 8, 256, 77, 32, True),     # d=4 above 256K logits: the kernel
+    (4, 2, 64, 64, 8, False),      # small: XLA
+])
+def test_dispatch_rule(b, heads, lq, lk, c, kernel):
+    q = jnp.zeros((b, lq, c), jnp.float32)
+    k = jnp.zeros((b, lk, c), jnp.float32)
+    hlo = jax.jit(layers.attention, static_argnums=3).lower(q, k, k, heads).as_text()
+    assert ("jaxmed_attention_fwd" in hlo) == kernel
+
+
 def test_fallback_without_compiler(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(cpu_attention, "_state", {})
     monkeypatch.setenv("JAXMED_KERNEL_DIR", str(tmp_path))
