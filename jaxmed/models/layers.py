@@ -274,9 +274,9 @@ def _blocked_attention(q, k, v, heads: int, upcast: bool) -> jax.Array:
     """Attention computed block by block (groups of (batch, head) x query rows), each block's
     logits small enough to stay in the CPU's cache. XLA:CPU otherwise streams the full
     (B, heads, Lq, Lk) logits through memory several times; on this 2-core machine blocking
-    makes the tiny UNet's 32x32-latent attention ~3x faster (fwd + bwd). Known limit: the
-    loop runs on one core (same time pinned to 1 of 2 cores); XLA:CPU does not spread
-    in-loop work, and unrolling the loop to gain the second core costs more than it wins."""
+    makes the tiny UNet's 32x32-latent attention ~3x faster (fwd + bwd). The fallback where
+    the C++ kernel (cpu_attention) cannot be built: the loop runs on one core, as XLA:CPU
+    does not spread in-loop work."""
     b, lq, c = q.shape
     lk = k.shape[1]
     d = c // heads
