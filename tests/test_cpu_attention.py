@@ -89,8 +89,8 @@ def _mha(q, k, v, heads):
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_layers_attention_uses_kernel_above_threshold(dtype, tol):
-    b, heads, lq, lk, c = 2, 4, 400, 400, 32  # 1.28M logits > layers._KERNEL_ELEMS
-    assert b * heads * lq * lk > layers._KERNEL_ELEMS
+    b, heads, lq, lk, c = 2, 4, 400, 400, 32  # 640K logits per example, d=8
+    assert heads * lq * lk > layers._KERNEL_ELEMS
     q, k, v, _ = _data((b,), lq, lk, c)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     hlo = jax.jit(layers.attention, static_argnums=3).lower(q, k, v, heads).as_text()
@@ -102,8 +102,10 @@ def test_layers_attention_uses_kernel_above_threshold(dtype, tol):
 
 @pytest.mark.parametrize("b,heads,lq,lk,c,kernel", [
     (2, 8, 1024, 77, 320, False),  # SD 1.5 cross-attention (d=40, 77 keys): XLA's matmuls
-    (2, 8, 256, 256, 320, False),  # wide heads, 1M logits: XLA's fused softmax
-    (4, 8, 256, 77, 32, True),     # d=4 above 256K logits: the kernel
+    (2, 8, 128, 128, 320, False),  # wide heads, 131K logits per example: XLA's softmax
+    (2, 8, 256, 256, 320, True),   # wide heads, 256 keys, 524K logits per example
+    (4, 8, 256, 77, 32, True),     # d=4 above 64K logits per example: the kernel
+    (1, 8, 256, 77, 32, True),     # the same on a batch of 1 (never decided on the batch)
     (4, 2, 64, 64, 8, False),      # small: XLA
 ])
 def test_dispatch_rule(b, heads, lq, lk, c, kernel):
@@ -111,6 +113,19 @@ def test_dispatch_rule(b, heads, lq, lk, c, kernel):
     k = jnp.zeros((b, lk, c), jnp.float32)
     hlo = jax.jit(layers.attention, static_argnums=3).lower(q, k, k, heads).as_text()
     assert ("jaxmed_attention_fwd" in hlo) == kernel
+
+
+def test_batch_split_is_bitwise_invariant():
+    """An example's output does not depend on what else is in its batch (synthesis promises
+    the same image on any number of devices): same kernel choice, rows independent."""
+    q, _, _, _ = _data((), 16 * 256, 1, 32)
+    k, _, _, _ = _data((), 16 * 77, 1, 32, seed=1)
+    q, k = q.reshape(16, 256, 32), k.reshape(16, 77, 32)
+    f = jax.jit(layers.attention, static_argnums=3)
+    assert "jaxmed_attention_fwd" in f.lower(q[:1], k[:1], k[:1], 4).as_text()
+    whole = f(q, k, k, 4)
+    for part in (slice(0, 1), slice(3, 8)):
+        np.testing.assert_array_equal(f(q[part], k[part], k[part], 4), whole[part])
 
 
 def test_fallback_without_compiler(monkeypatch, tmp_path, caplog):

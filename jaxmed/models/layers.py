@@ -182,7 +182,9 @@ def attention(
     b, lq, c = q.shape
     lk = k.shape[1]
     d = c // heads
-    elems = b * heads * lq * lk
+    # Decided per example, never on the batch size: an image must come out bit for bit the
+    # same however a batch is split over devices or micro-batches.
+    elems = heads * lq * lk
     if mask is None and elems > _KERNEL_ELEMS and jax.default_backend() == "cpu":
         if _kernel_wins(elems, lk, d) and cpu_attention.available():
             return _kernel_attention(q, k, v, heads)
@@ -202,17 +204,19 @@ def attention(
     return out.reshape(b, lq, c).astype(dtype)
 
 
-# CPU attention: logits elements above which the C++ kernel can pay for its call, and
-# above which XLA's attention runs block by block (4 MB of float32 logits per block).
-_KERNEL_ELEMS = 1 << 18
-_BLOCK_ELEMS = 1 << 20
+# CPU attention, in logits elements per example (heads x Lq x Lk): above _KERNEL_ELEMS the
+# C++ kernel can pay for its call; above _BLOCK_ELEMS XLA's attention runs block by block.
+_KERNEL_ELEMS = 1 << 16
+_BLOCK_ELEMS = 1 << 18
+_BLOCK_LOGITS = 1 << 20  # per block of the blocked attention: 4 MB of float32, stays in cache
 
 
 def _kernel_wins(elems: int, lk: int, d: int) -> bool:
-    """Where the kernel beat XLA (fwd + bwd, 2-core AVX-512 CPU, 2026-11): always for head
-    dims <= 8 above _KERNEL_ELEMS (e.g. 256x256 logits, d=4: 2.1 vs 17 ms); for wider
-    heads only past _BLOCK_ELEMS and with >= 256 keys (its loops run along the keys once
-    per head dim, so 77-key cross-attention with d=40 stays on XLA's matmuls: 59 vs 49 ms).
+    """Where the kernel beat XLA (fwd + bwd, batch 4, 2-core AVX-512 CPU, 2026-11): always
+    for head dims <= 8 above _KERNEL_ELEMS (e.g. 8 heads of 256x256 logits, d=4: 2.1 vs
+    17 ms); for wider heads only past _BLOCK_ELEMS and with >= 256 keys (its loops run
+    along the keys once per head dim, so 77-key cross-attention with d=40 stays on XLA's
+    matmuls: 59 vs 49 ms).
     """
     if d <= 8:
         return True
@@ -289,7 +293,7 @@ def _blocked_attention(q, k, v, heads: int, upcast: bool) -> jax.Array:
 
     qg, kg, vg = groups(q * (d**-0.5), lq), groups(k, lk), groups(v, lk)
     qc = _divisor_at_most(lq, 64)
-    gc = _divisor_at_most(g, max(1, _BLOCK_ELEMS // (qc * lk)))
+    gc = _divisor_at_most(g, max(1, _BLOCK_LOGITS // (qc * lk)))
     ng, nq = g // gc, lq // qc
     qb = qg.reshape(ng, gc, nq, qc, d).transpose(0, 2, 1, 3, 4)
     kb, vb = kg.reshape(ng, gc, lk, d), vg.reshape(ng, gc, lk, d)
