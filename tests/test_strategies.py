@@ -576,12 +576,12 @@ def test_guarded_adamw_equals_optax_and_skips_bad_steps():
             np.testing.assert_allclose(p_ours["unet"][k], p_ref[k], rtol=1e-6, atol=1e-7)
     g = jax.tree_util.tree_map(lambda x: x * jnp.nan, p_ref)
     _, o_bad = step_ours({"unet": g}, o_ours, p_ours, False)
-    adam = [x for x in jax.tree_util.tree_leaves(
-        o_bad, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-        if isinstance(x, optax.ScaleByAdamState)]
-    adam_before = [x for x in jax.tree_util.tree_leaves(
-        o_ours, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-        if isinstance(x, optax.ScaleByAdamState)]
+
+    def adam_states(opt_state):
+        is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+        return [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
+
+    adam, adam_before = adam_states(o_bad), adam_states(o_ours)
     assert len(adam) == 1 and int(adam[0].count) == 3
     for a, b in zip(jax.tree_util.tree_leaves(adam), jax.tree_util.tree_leaves(adam_before)):
         np.testing.assert_array_equal(a, b)
