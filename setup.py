@@ -15,8 +15,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["jaxmed", "jaxmed.*"]),
     include_package_data=True,
-    # cpu_attention.cc is compiled on the user's machine at first use (jaxmed.models.cpu_attention).
-    package_data={"jaxmed": ["assets/**/*", "models/*.cc"]},
+    # The C++ kernels (models/*.cc, *.h) are compiled at first use (models/cpu_kernels.py).
+    package_data={"jaxmed": ["assets/**/*", "models/*.cc", "models/*.h"]},
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmed.models import cpu_attention, layers
+from jaxmed.models import cpu_attention, cpu_kernels, layers
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")
@@ -129,12 +129,12 @@ def test_batch_split_is_bitwise_invariant():
 
 
 def test_fallback_without_compiler(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_attention, "_state", {})
+    monkeypatch.setattr(cpu_attention.KERNEL, "_ok", None)
     monkeypatch.setenv("JAXMED_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level(logging.WARNING, logger=cpu_attention.__name__):
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
         assert not cpu_attention.available()
-    assert "CPU attention kernel unavailable" in caplog.text and "no-such-compiler" in caplog.text
+    assert "cpu_attention.cc unavailable" in caplog.text and "no-such-compiler" in caplog.text
     assert not list(tmp_path.glob("*.so"))
     b, heads, lq, c = 2, 4, 400, 16
     q, k, v, _ = _data((b,), lq, lq, c)
@@ -151,10 +151,10 @@ def test_switched_off_by_environment(monkeypatch):
 def test_compile_error_is_reported(monkeypatch, tmp_path):
     bad = tmp_path / "bad.cc"
     bad.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_attention, "SOURCE", bad)
+    monkeypatch.setattr(cpu_attention.KERNEL, "source", bad)
     monkeypatch.setenv("JAXMED_KERNEL_DIR", str(tmp_path / "k"))
     with pytest.raises(RuntimeError, match="compiling bad.cc failed"):
-        cpu_attention.build()
+        cpu_attention.KERNEL.build()
     assert not list((tmp_path / "k").glob("*.so"))
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmed.models import cpu_attention
+from jaxmed.models import cpu_attention, cpu_conv
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -90,6 +90,10 @@ class Conv(nn.Module):
         if k == 1 and self.strides == 1 and pad == ((0, 0), (0, 0)):
             # A 1x1 conv is a matmul; XLA:CPU runs dot faster than a conv.
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        elif (k == 3 and self.strides == 1 and pad == ((1, 1), (1, 1)) and x.ndim == 4
+              and self.dtype == jnp.float32 and jax.default_backend() == "cpu"
+              and cpu_conv.wins(*x.shape[1:], self.features) and cpu_conv.available()):
+            y = cpu_conv.conv3x3(x.astype(jnp.float32), kernel.astype(jnp.float32))
         else:
             y = lax.conv_general_dilated(
                 x.astype(self.dtype),

@@ -1,0 +1,103 @@
+"""3x3 convolutions for XLA:CPU by Winograd F(2x2, 3x3), as XLA FFI custom calls (cpu_conv.cc).
+
+XLA:CPU's direct convolutions reach about half of oneDNN's speed on the UNet's 16x16 and
+32x32 feature maps, where the train step spends most of its time; Winograd's F(2x2, 3x3)
+does the same work with 2.25x fewer multiplies. Results agree with `lax.conv` to float32
+rounding (about 1e-6 relative), and an example's output does not depend on the batch it
+is in (the kernel's order of summation is the same for every tile).
+
+Compiled on first use (see cpu_kernels). Without a compiler, or with
+``JAXMED_CPU_CONV=0``, jaxmed uses XLA's convolution. Accelerators never use it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxmed.models.cpu_kernels import Kernel
+
+_FILTER, _CONV, _WGRAD = "jaxmed_winograd_filter", "jaxmed_winograd_conv", "jaxmed_winograd_wgrad"
+KERNEL = Kernel("cpu_conv.cc", {_FILTER: "JaxmedWinogradFilter", _CONV: "JaxmedWinogradConv",
+                                _WGRAD: "JaxmedWinogradWgrad"},
+                switch="JAXMED_CPU_CONV", fallback="XLA's convolution")
+available = KERNEL.available
+
+
+STAGED_CHANNELS = int(os.environ.get("JAXMED_CONV_STAGED", 640))
+
+
+def wins(h: int, w: int, cin: int, cout: int) -> bool:
+    """Where the kernel beat XLA:CPU's convolution (fwd + both gradients, 2-core AVX-512
+    CPU, 2026-11; bench/bench_conv.py), decided per example so that an image never depends
+    on its batch: 32x32 maps and larger (64->64: 1.05 vs 3.0 ms, 2.9x) up to 640 + 640
+    channels (1.1x; 64x64 at 320: 1.5x); 8x8 and 16x16 maps from 256 to 768 channels in +
+    out (1.3-1.7x; 16x16 at 128 + 128: 1.6x), not wider (16x16 at 640 + 640: 0.7x: the
+    transformed filters outweigh the multiplies saved) nor narrower at 8x8, and never below
+    8x8 (4x4 at 256: 0.87x). Channels must be multiples of 16 (the kernel's vector width).
+    """
+    if cin % 16 or cout % 16 or h * w < 8 * 8:
+        return False
+    c = cin + cout
+    if h * w >= 64 * 64:
+        return True
+    if h * w >= 32 * 32:
+        return c <= 1280
+    return (h * w >= 16 * 16 or c >= 256) and c <= 768
+
+
+def _f32(shape) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _tiles(x_shape) -> int:
+    n, h, w, _ = x_shape
+    return n * ((h + 1) // 2) * ((w + 1) // 2)
+
+
+def _conv(x: jax.Array, u: jax.Array) -> jax.Array:
+    cin, cout = u.shape[1:]
+    # Wide layers run staged through a work buffer (see ConvImpl); STAGED_CHANNELS from
+    # bench/bench_conv.py.
+    work = (16, _tiles(x.shape), cin + cout) if cin + cout >= STAGED_CHANNELS else (0,)
+    y, _ = jax.ffi.ffi_call(_CONV, (_f32(x.shape[:3] + (cout,)), _f32(work)),
+                            vmap_method="sequential")(x, u)
+    return y
+
+
+def _filter(w: jax.Array, flip: bool) -> jax.Array:
+    cin, cout = w.shape[2:]
+    return jax.ffi.ffi_call(_FILTER, _f32((16, cout, cin) if flip else (16, cin, cout)),
+                            vmap_method="sequential")(w, flip=flip)
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+    """SAME-padded, stride-1 conv of float32 x (N, H, W, Ci) with w (3, 3, Ci, Co); Ci and
+    Co multiples of 16. Call `available()` first."""
+    return _conv(x, _filter(w, False))
+
+
+def _fwd(x, w):
+    return conv3x3(x, w), (x, w)
+
+
+def _bwd(res, dy):
+    x, w = res
+    dy = dy.astype(jnp.float32)
+    n, h, wd, cin = x.shape
+    cout = w.shape[3]
+    dx = _conv(dy, _filter(w, True))
+    # The weight gradient sums over all 2x2 tiles in a fixed number of chunks (one partial
+    # sum each; work buffers in XLA's temporary memory): a function of the shape only, so
+    # it is reproducible, with at least 256 tiles per chunk.
+    tiles = _tiles(x.shape)
+    chunks = max(1, min(8, tiles // 256))
+    work = (_f32((chunks, 16, cin, cout)), _f32((16, tiles, cin + cout)))
+    dw, *_ = jax.ffi.ffi_call(_WGRAD, (_f32(w.shape), *work), vmap_method="sequential")(x, dy)
+    return dx, dw
+
+
+conv3x3.defvjp(_fwd, _bwd)
