@@ -13,8 +13,11 @@ jaxmed: the real `jaxmed.train.make_train_step` (strategy registry, optax AdamW,
 on cached latents and text embeddings, i.e. what a study run executes.
 
 Each (framework, config, size, strategy) runs in its own process, so peak RSS is the
-child's own. Reported: median steady-state step time, compile time (jaxmed) / first-step
-time (torch), peak RSS, and the speed ratio torch/jaxmed (> 1 means jaxmed is faster).
+child's own; with --rounds N the pair runs N times, alternating, and the median run of each
+is reported. Both processes first keep freed host memory (jaxmed.hostmem, as jaxmed's
+command-line tools do; --malloc default for glibc's defaults). Reported: median
+steady-state step time, compile time (jaxmed) / first-step time (torch), peak RSS, and the
+speed ratio torch/jaxmed (> 1 means jaxmed is faster).
 """
 
 from __future__ import annotations
@@ -159,6 +162,11 @@ def run_jax(cfg_name: str, size: int, strategy: str, steps: int) -> dict:
 
 def child(args) -> None:
     fw, cfg_name, size, strategy, steps = args
+    # What jaxmed's command-line tools do first (jaxmed/hostmem.py); torch gets the same
+    # malloc, so the comparison stays like for like. --malloc default turns it off for both.
+    from jaxmed.hostmem import keep_freed_memory
+
+    keep_freed_memory()
     fn = run_torch if fw == "torch" else run_jax
     res = fn(cfg_name, int(size), strategy, int(steps))
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -171,29 +179,41 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[16, 32])
     ap.add_argument("--strategies", nargs="+", default=["unet", "lora", "bitfit"])
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each pair this many times, alternating torch and jaxmed, and "
+                         "report the medians (torch's step time varies up to 30%% between "
+                         "processes here)")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="keep: both processes keep freed memory (jaxmed.hostmem, what the "
+                         "jaxmed CLIs do); default: glibc's defaults for both")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(a.child)
         return
+    env = dict(os.environ)
+    if a.malloc == "default":
+        env["JAXMED_HOST_MALLOC"] = "default"
     rows = []
     print(f"{'config':8} {'latent':>6} {'strategy':8} {'torch ms':>9} {'jaxmed ms':>9} "
           f"{'speedup':>7} {'jax compile s':>13} {'torch MB':>9} {'jax MB':>8}")
     for cfg_name in a.configs:
         for size in a.sizes:
             for strategy in a.strategies:
-                res = {}
-                for fw in ("torch", "jax"):
-                    p = subprocess.run([sys.executable, __file__, "--child", fw, cfg_name,
-                                        str(size), strategy, str(a.steps)],
-                                       capture_output=True, text=True)
-                    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                    if p.returncode or not line:
-                        raise SystemExit(f"{fw} {cfg_name} {size} {strategy} failed:\n"
-                                         f"{p.stderr[-3000:]}")
-                    res[fw] = json.loads(line[0][7:])
-                t, j = res["torch"], res["jax"]
+                runs = {"torch": [], "jax": []}
+                for _ in range(a.rounds):
+                    for fw in ("torch", "jax"):
+                        p = subprocess.run([sys.executable, __file__, "--child", fw, cfg_name,
+                                            str(size), strategy, str(a.steps)],
+                                           capture_output=True, text=True, env=env)
+                        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                        if p.returncode or not line:
+                            raise SystemExit(f"{fw} {cfg_name} {size} {strategy} failed:\n"
+                                             f"{p.stderr[-3000:]}")
+                        runs[fw].append(json.loads(line[0][7:]))
+                t, j = (sorted(r, key=lambda x: x["step_ms"])[len(r) // 2]  # median run
+                        for r in (runs["torch"], runs["jax"]))
                 row = {"config": cfg_name, "latent": size, "strategy": strategy,
                        "torch_ms": t["step_ms"], "jax_ms": j["step_ms"],
                        "speedup": t["step_ms"] / j["step_ms"], "jax_compile_s": j["compile_s"],

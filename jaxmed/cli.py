@@ -151,10 +151,16 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def enable_compilation_cache() -> None:
     """JAX's persistent compilation cache for the command-line tools: a rerun (a resumed
     study, a second strategy of the same shape) loads compiled steps instead of compiling.
-    ``$JAXMED_COMPILATION_CACHE``, else ``$JAXMED_CACHE/xla`` (default ``~/.cache/jaxmed``)."""
+    ``$JAXMED_COMPILATION_CACHE``, else ``$JAXMED_CACHE/xla`` (default ``~/.cache/jaxmed``).
+    Also keeps freed host memory in the process (`jaxmed.hostmem`), which must happen
+    before jax starts its backend: every command-line tool calls this first."""
     import logging
 
     import jax
+
+    from jaxmed.hostmem import keep_freed_memory
+
+    keep_freed_memory()
 
     d = os.environ.get("JAXMED_COMPILATION_CACHE") or os.path.join(
         os.environ.get("JAXMED_CACHE", os.path.expanduser("~/.cache/jaxmed")), "xla")

@@ -758,12 +758,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.label_columns:
             columns = tuple(c.strip() for c in args.label_columns.split(",") if c.strip())
         combos = read_combinations(args.combinations, columns) if args.combinations else None
-        if os.environ.get("JAXMED_DISTRIBUTED") == "1":
-            jax.distributed.initialize()
         from jaxmed import sharding
         from jaxmed.cli import enable_compilation_cache
 
-        enable_compilation_cache()
+        enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
+        if os.environ.get("JAXMED_DISTRIBUTED") == "1":
+            jax.distributed.initialize()
 
         mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp, 1)
         sd, params = load_for_sampling(args.model, dtype=args.dtype)

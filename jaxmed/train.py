@@ -705,9 +705,9 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
     if os.environ.get("JAXMED_DISTRIBUTED") == "1":
         jax.distributed.initialize()
-    enable_compilation_cache()
     train(config, args.workdir)
     return 0
 

@@ -271,7 +271,7 @@ ffi::Error FilterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, bool flip,
   const int64_t ld = co + 16;  // buffer row stride: not a power of two, no cache-set conflicts
   const float* W = w.typed_data();
   float* U = u->typed_data();
-  ParallelFor(pool, (ci + kc - 1) / kc, [&](int64_t chunk) {
+  auto task = [&](int64_t chunk) {
     const int64_t i0 = chunk * kc, ni = std::min(kc, ci - i0);
     float* tmp = Scratch(16 * kc * ld);  // [p][i][o]
     for (int64_t i = i0; i < i0 + ni; ++i) {
@@ -302,7 +302,8 @@ ffi::Error FilterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, bool flip,
         }
       }
     }
-  });
+  };
+  for (int64_t c = 0; c < (ci + kc - 1) / kc; ++c) task(c);
   return ffi::Error::Success();
 }
 

@@ -16,6 +16,7 @@ Conventions every model in jaxmed follows (the weight converter relies on them):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -122,13 +123,52 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: {c} channels not divisible by {self.num_groups} groups")
         scale = _param(self, "scale", nn.initializers.ones, (c,), ("norm",))
         bias = _param(self, "bias", nn.initializers.zeros, (c,), ("norm",))
-        shape = x.shape
-        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
-        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
-        xg = (xg - mean) * lax.rsqrt(var + self.epsilon)
-        y = xg.reshape(shape) * scale + bias
+        y = group_norm(x.astype(jnp.float32), scale.astype(jnp.float32),
+                       bias.astype(jnp.float32), self.num_groups, self.epsilon)
         return y.astype(self.dtype)
+
+
+# GroupNorm as per-channel sums over the pixels (reductions along the unit-stride channel
+# axis, which XLA:CPU vectorises) folded into groups, with the analytic backward pass
+# instead of autodiff's: fwd + bwd 3x faster than reducing (B, HW, G, C/G) over axes
+# (1, 3) on the medium UNet's 32x32x64 maps (0.57 vs 1.76 ms), same results to 1.4e-6.
+def _group_mean(sums: jax.Array, groups: int, n: int) -> jax.Array:
+    """(B, C) per-channel sums -> their group means over n elements, as (B, 1, C)."""
+    b, c = sums.shape
+    g = sums.reshape(b, groups, c // groups).sum(-1) / n
+    return jnp.repeat(g, c // groups, axis=1)[:, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+               eps: float) -> jax.Array:
+    """float32 GroupNorm of x (B, ..., C) with per-channel scale and bias."""
+    return _group_norm_fwd(x, scale, bias, groups, eps)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps):
+    xf = x.reshape(x.shape[0], -1, x.shape[-1])
+    n = xf.shape[1] * (xf.shape[2] // groups)
+    mean = _group_mean(jnp.sum(xf, axis=1), groups, n)
+    var = _group_mean(jnp.sum(jnp.square(xf - mean), axis=1), groups, n)  # two-pass, as torch
+    rstd = lax.rsqrt(var + eps)
+    return ((xf - mean) * rstd * scale + bias).reshape(x.shape), (x, scale, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, res, dy):
+    x, scale, mean, rstd = res
+    b, c = x.shape[0], x.shape[-1]
+    xf, dyf = x.reshape(b, -1, c), dy.reshape(b, -1, c)
+    n = xf.shape[1] * (c // groups)
+    xhat = (xf - mean) * rstd
+    sum_dy, sum_dy_xhat = jnp.sum(dyf, axis=1), jnp.sum(dyf * xhat, axis=1)  # (B, C)
+    # dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy scale, group means
+    dx = rstd * (dyf * scale - _group_mean(sum_dy * scale, groups, n)
+                 - xhat * _group_mean(sum_dy_xhat * scale, groups, n))
+    return dx.reshape(x.shape), jnp.sum(sum_dy_xhat, axis=0), jnp.sum(sum_dy, axis=0)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class LayerNorm(nn.Module):
