@@ -11,7 +11,7 @@ import resource, sys
 from jaxmed.hostmem import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 import jax, jax.numpy as jnp
-f = jax.jit(lambda x: jnp.cos(jnp.sin(x) @ x) @ x)  # 64 MB operands, temporaries, output
+f = jax.jit(lambda x: jnp.sum(jnp.cos(jnp.sin(x) @ x) @ x))  # 64 MB temporaries
 x = jnp.ones((4096, 4096))
 for _ in range(2):
     f(x).block_until_ready()
@@ -34,12 +34,12 @@ def _faults(mode):
 def test_kept_memory_stops_page_faults_per_execution():
     applied, kept = _faults("keep")
     _, default = _faults("default")
-    # 2 x 64 MB temporaries + a 64 MB output are 49k pages: faulted in on every call by
-    # default (glibc unmaps freed blocks that large). Kept, the temporaries are reused
-    # (measured here: 16k faults left, the output array's; the medium UNet's train step: 0).
+    # The temporaries (64 MB each) are faulted in on every call by default (glibc unmaps
+    # freed blocks that large), reused when kept (the medium UNet's train step: 123k
+    # faults per step by default, 0 kept).
     assert applied
-    assert default > 40000, default
-    assert kept < default / 2, (kept, default)
+    assert default > 15000, default
+    assert kept < default / 10, (kept, default)
 
 
 def test_opt_out(monkeypatch):
