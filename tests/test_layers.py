@@ -36,3 +36,27 @@ def test_group_norm_matches_torch(shape, groups):
     for name, got, ref in zip(("dx", "dscale", "dbias"), grads, want):
         err = float(np.max(np.abs(np.asarray(got) - ref)) / np.max(np.abs(ref)))
         assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 4, 32, 48), (2, 3, 2, 16, 16), (1, 1, 1, 8, 4)])
+def test_im2col_conv_matches_lax_conv(shape):
+    n, h, w, cin, cout = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.1, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((n, h, w, cout)), jnp.float32)
+
+    def ref(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def grads(f):
+        return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(f(x, k) * ct), argnums=(0, 1)))(x, k)
+
+    np.testing.assert_allclose(layers.im2col_conv3x3(x, k), ref(x, k), rtol=0, atol=1e-5)
+    for got, want in zip(grads(layers.im2col_conv3x3)[1], grads(ref)[1]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    # layers.Conv takes this path on XLA:CPU for maps of at most 16 pixels.
+    m = layers.Conv(features=cout)
+    p = m.init(jax.random.PRNGKey(0), x)
+    assert "convolution" not in jax.jit(m.apply).lower(p, x).as_text()

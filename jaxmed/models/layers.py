@@ -92,9 +92,15 @@ class Conv(nn.Module):
             # A 1x1 conv is a matmul; XLA:CPU runs dot faster than a conv.
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         elif (k == 3 and self.strides == 1 and pad == ((1, 1), (1, 1)) and x.ndim == 4
-              and self.dtype == jnp.float32 and jax.default_backend() == "cpu"
-              and cpu_conv.wins(*x.shape[1:], self.features) and cpu_conv.available()):
-            y = cpu_conv.conv3x3(x.astype(jnp.float32), kernel.astype(jnp.float32))
+              and self.dtype == jnp.float32 and jax.default_backend() == "cpu"):
+            x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
+            if x.shape[1] * x.shape[2] <= _IM2COL_PIXELS:
+                y = im2col_conv3x3(x32, k32)
+            elif cpu_conv.wins(*x.shape[1:], self.features) and cpu_conv.available():
+                y = cpu_conv.conv3x3(x32, k32)
+            else:
+                y = lax.conv_general_dilated(x32, k32, (1, 1), pad,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         else:
             y = lax.conv_general_dilated(
                 x.astype(self.dtype),
@@ -107,6 +113,47 @@ class Conv(nn.Module):
             bias = _param(self, "bias", nn.initializers.zeros, (self.features,), self.axes[-1:])
             y = y + bias.astype(self.dtype)
         return y
+
+
+# XLA:CPU, 3x3 SAME convolutions on maps of at most this many pixels (the medium UNet's
+# 4x4): as three plain matmuls on the untransformed filter (im2col). Fwd + bwd at 4x4,
+# batch 4: 256 -> 256 channels 0.87 vs 1.62 ms, 512 -> 256 1.14 vs 2.91 ms; XLA's
+# convolution reverses and transposes the whole filter for the input gradient.
+_IM2COL_PIXELS = 4 * 4
+
+
+def _patches(x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B*H*W, 9*C): each pixel's 3x3 zero-padded neighbourhood."""
+    b, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.stack([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=3)
+    return cols.reshape(b * h * w, 9 * c)
+
+
+@jax.custom_vjp
+def im2col_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+    """SAME, stride-1 conv of x (B, H, W, Ci) with w (3, 3, Ci, Co) as one matmul."""
+    b, h, wd, c = x.shape
+    return (_patches(x) @ w.reshape(9 * c, -1)).reshape(b, h, wd, -1)
+
+
+def _im2col_fwd(x, w):
+    return im2col_conv3x3(x, w), (x, w)
+
+
+def _im2col_bwd(res, dy):
+    x, w = res
+    b, h, wd, c = x.shape
+    dyf = dy.reshape(-1, w.shape[3])
+    dcols = (dyf @ w.reshape(9 * c, -1).T).reshape(b, h, wd, 3, 3, c)
+    dxp = jnp.zeros((b, h + 2, wd + 2, c), dy.dtype)
+    for i in range(3):  # each tap's gradient lands on its shifted window
+        for j in range(3):
+            dxp = dxp.at[:, i:i + h, j:j + wd].add(dcols[:, :, :, i, j])
+    return dxp[:, 1:-1, 1:-1], (_patches(x).T @ dyf).reshape(w.shape)
+
+
+im2col_conv3x3.defvjp(_im2col_fwd, _im2col_bwd)
 
 
 class GroupNorm(nn.Module):
