@@ -1,6 +1,8 @@
 """Shared test set-up: persistent XLA compilation cache, float32 determinism, torch threads."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -23,6 +25,15 @@ def torch():
     import torch
     torch.manual_seed(0)
     return torch
+
+
+def run_on_8_cpu_devices(script: str) -> None:
+    """Run `script` in a fresh interpreter on 8 simulated CPU devices; it must print OK."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
 LABELS = ("No Finding", "Cardiomegaly", "Lung Opacity", "Edema", "Pneumonia", "Pneumothorax",

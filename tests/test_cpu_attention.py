@@ -3,14 +3,12 @@ outputs and gradients, odd sizes, vmap, dtypes, the layers.attention dispatch, t
 when no compiler is found, and a data-sharded batch on 8 simulated devices."""
 
 import logging
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_8_cpu_devices
 
 from jaxmed.models import cpu_attention, cpu_kernels, layers
 
@@ -181,8 +179,4 @@ print("OK")
 
 
 def test_data_sharded_batch_equals_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    run_on_8_cpu_devices(_SHARDED)

@@ -4,15 +4,13 @@ layers.Conv dispatch, bad shapes, the fallback when no compiler is found, and a
 data-sharded batch on 8 simulated devices."""
 
 import logging
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_8_cpu_devices
 from jax import lax
 
 from jaxmed.models import cpu_conv, cpu_kernels, layers
@@ -166,8 +164,4 @@ print("OK")
 
 
 def test_data_sharded_batch_equals_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    run_on_8_cpu_devices(_SHARDED)
