@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -130,15 +131,20 @@ struct Shape {
   int64_t n, h, w, ci, co;
   int64_t th, tw;  // tiles per column and row
   int64_t tiles() const { return n * th * tw; }
+  // Tiles are numbered example by example, row by row: tile -> (example, tile row, column).
+  std::tuple<int64_t, int64_t, int64_t> Tile(int64_t tile) const {
+    return {tile / (th * tw), tile / tw % th, tile % tw};
+  }
 };
+
+// Tiles per task of the staged schedules' transform passes.
+constexpr int64_t kTransformTiles = 32;
 
 // V[p * stride + t * Ci + c] = (B^T d B)[p] for the 4x4 patch of tile `tile` (pixels outside
 // the image read as 0), B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
 void InputTransform(const Shape& s, const float* x, int64_t tile, const float* zeros, float* V,
                     int64_t stride) {
-  const int64_t n = tile / (s.th * s.tw);
-  const int64_t ty = tile / s.tw % s.th;
-  const int64_t tx = tile % s.tw;
+  const auto [n, ty, tx] = s.Tile(tile);
   const float* d[4][4];
   for (int r = 0; r < 4; ++r) {
     const int64_t y = 2 * ty + r - 1;
@@ -149,7 +155,7 @@ void InputTransform(const Shape& s, const float* x, int64_t tile, const float* z
                     : zeros;
     }
   }
-  #pragma GCC ivdep  // outputs never alias inputs
+#pragma GCC ivdep  // outputs never alias inputs
   for (int64_t c = 0; c < s.ci; ++c) {
     float t[4][4];
     for (int j = 0; j < 4; ++j) {
@@ -170,9 +176,7 @@ void InputTransform(const Shape& s, const float* x, int64_t tile, const float* z
 // Output tile = A^T m A, A^T = [1 1 1 0; 0 1 -1 -1]; pixels outside the image go to `sink`.
 void OutputTransform(const Shape& s, const float* M, int64_t stride, int64_t tile, float* y,
                      float* sink) {
-  const int64_t n = tile / (s.th * s.tw);
-  const int64_t ty = tile / s.tw % s.th;
-  const int64_t tx = tile % s.tw;
+  const auto [n, ty, tx] = s.Tile(tile);
   float* o[2][2];
   for (int i = 0; i < 2; ++i) {
     for (int j = 0; j < 2; ++j) {
@@ -180,7 +184,7 @@ void OutputTransform(const Shape& s, const float* M, int64_t stride, int64_t til
       o[i][j] = (yy < s.h && xx < s.w) ? y + ((n * s.h + yy) * s.w + xx) * s.co : sink;
     }
   }
-  #pragma GCC ivdep  // outputs never alias inputs
+#pragma GCC ivdep  // outputs never alias inputs
   for (int64_t c = 0; c < s.co; ++c) {
     float m[4][4], t[2][4];
     for (int p = 0; p < 16; ++p) m[p / 4][p % 4] = M[p * stride + c];
@@ -199,9 +203,7 @@ void OutputTransform(const Shape& s, const float* M, int64_t stride, int64_t til
 // A = [1 0; 1 1; 1 -1; 0 -1] (pixels outside the image read as 0).
 void GradTransform(const Shape& s, const float* dy, int64_t tile, const float* zeros, float* Z,
                    int64_t stride) {
-  const int64_t n = tile / (s.th * s.tw);
-  const int64_t ty = tile / s.tw % s.th;
-  const int64_t tx = tile % s.tw;
+  const auto [n, ty, tx] = s.Tile(tile);
   const float* e[2][2];
   for (int i = 0; i < 2; ++i) {
     for (int j = 0; j < 2; ++j) {
@@ -209,7 +211,7 @@ void GradTransform(const Shape& s, const float* dy, int64_t tile, const float* z
       e[i][j] = (yy < s.h && xx < s.w) ? dy + ((n * s.h + yy) * s.w + xx) * s.co : zeros;
     }
   }
-  #pragma GCC ivdep  // outputs never alias inputs
+#pragma GCC ivdep  // outputs never alias inputs
   for (int64_t c = 0; c < s.co; ++c) {
     float t[4][2];
     for (int j = 0; j < 2; ++j) {
@@ -359,11 +361,10 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   }
   float* V = work->typed_data();
   float* M = V + 16 * nt * s.ci;
-  constexpr int64_t kTiles = 32;  // per transform task
-  ParallelFor(pool, (nt + kTiles - 1) / kTiles, [&](int64_t b) {
+  ParallelFor(pool, (nt + kTransformTiles - 1) / kTransformTiles, [&](int64_t b) {
     float* zeros = Scratch(s.ci);
     std::fill(zeros, zeros + s.ci, 0.0f);
-    for (int64_t t = b * kTiles; t < std::min(nt, (b + 1) * kTiles); ++t) {
+    for (int64_t t = b * kTransformTiles; t < std::min(nt, (b + 1) * kTransformTiles); ++t) {
       InputTransform(s, X, t, zeros, V + t * s.ci, nt * s.ci);
     }
   });
@@ -374,9 +375,9 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     Gemm<false>(n, s.co, s.ci, V + (p * nt + t0) * s.ci, s.ci, 1, U + p * s.ci * s.co, s.co,
                 M + (p * nt + t0) * s.co, s.co);
   });
-  ParallelFor(pool, (nt + kTiles - 1) / kTiles, [&](int64_t b) {
+  ParallelFor(pool, (nt + kTransformTiles - 1) / kTransformTiles, [&](int64_t b) {
     float* sink = Scratch(s.co);
-    for (int64_t t = b * kTiles; t < std::min(nt, (b + 1) * kTiles); ++t) {
+    for (int64_t t = b * kTransformTiles; t < std::min(nt, (b + 1) * kTransformTiles); ++t) {
       OutputTransform(s, M + t * s.co, nt * s.co, t, Y, sink);
     }
   });
@@ -412,11 +413,10 @@ ffi::Error WgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   float* partial = partials->typed_data();
   float* V = vz->typed_data();
   float* Z = V + 16 * nt * s.ci;
-  constexpr int64_t kTiles = 32;  // per transform task
-  ParallelFor(pool, (nt + kTiles - 1) / kTiles, [&](int64_t b) {
+  ParallelFor(pool, (nt + kTransformTiles - 1) / kTransformTiles, [&](int64_t b) {
     float* zeros = Scratch(std::max(s.ci, s.co));
     std::fill(zeros, zeros + std::max(s.ci, s.co), 0.0f);
-    for (int64_t t = b * kTiles; t < std::min(nt, (b + 1) * kTiles); ++t) {
+    for (int64_t t = b * kTransformTiles; t < std::min(nt, (b + 1) * kTransformTiles); ++t) {
       InputTransform(s, X, t, zeros, V + t * s.ci, nt * s.ci);
       GradTransform(s, DY, t, zeros, Z + t * s.co, nt * s.co);
     }

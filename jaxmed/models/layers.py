@@ -92,15 +92,12 @@ class Conv(nn.Module):
             # A 1x1 conv is a matmul; XLA:CPU runs dot faster than a conv.
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         elif (k == 3 and self.strides == 1 and pad == ((1, 1), (1, 1)) and x.ndim == 4
-              and self.dtype == jnp.float32 and jax.default_backend() == "cpu"):
-            x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
-            if x.shape[1] * x.shape[2] <= _IM2COL_PIXELS:
-                y = im2col_conv3x3(x32, k32)
-            elif cpu_conv.wins(*x.shape[1:], self.features) and cpu_conv.available():
-                y = cpu_conv.conv3x3(x32, k32)
-            else:
-                y = lax.conv_general_dilated(x32, k32, (1, 1), pad,
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+              and self.dtype == jnp.float32 and jax.default_backend() == "cpu"
+              and (x.shape[1] * x.shape[2] <= _IM2COL_PIXELS
+                   or (cpu_conv.wins(*x.shape[1:], self.features) and cpu_conv.available()))):
+            conv = (im2col_conv3x3 if x.shape[1] * x.shape[2] <= _IM2COL_PIXELS
+                    else cpu_conv.conv3x3)
+            y = conv(x.astype(jnp.float32), kernel.astype(jnp.float32))
         else:
             y = lax.conv_general_dilated(
                 x.astype(self.dtype),
