@@ -26,7 +26,7 @@ import jaxlib
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-HEADERS = (HERE / "cpu_parallel.h",)
+HEADERS = (HERE / "cpu_parallel.h", HERE / "cpu_gemm.h")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
          # Reassociation lets reductions vectorise; NaN/inf semantics are kept.
          "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmed.models import cpu_attention, cpu_conv
+from jaxmed.models import cpu_attention, cpu_conv, cpu_dense
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -61,11 +61,37 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.axes)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, (self.features,), self.axes[1:])
             y = y + bias.astype(self.dtype)
         return y
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) @ w (K, N); on CPU in float32 with the weight gradient by cpu_dense."""
+    if (x.dtype == jnp.float32 and w.dtype == jnp.float32 and jax.default_backend() == "cpu"
+            and cpu_dense.wins(x.size // x.shape[-1], *w.shape) and cpu_dense.available()):
+        return _matmul_cpu(x, w)
+    return jnp.dot(x, w)
+
+
+@jax.custom_vjp
+def _matmul_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.dot(x, w)
+
+
+def _matmul_cpu_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _matmul_cpu_bwd(res, dy):
+    x, w = res
+    dw = cpu_dense.wgrad(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+    return jnp.dot(dy, w.T), dw
+
+
+_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 
 class Conv(nn.Module):
@@ -90,7 +116,7 @@ class Conv(nn.Module):
             pad = ((pad, pad), (pad, pad))
         if k == 1 and self.strides == 1 and pad == ((0, 0), (0, 0)):
             # A 1x1 conv is a matmul; XLA:CPU runs dot faster than a conv.
-            y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+            y = matmul(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         elif (k == 3 and self.strides == 1 and pad == ((1, 1), (1, 1)) and x.ndim == 4
               and self.dtype == jnp.float32 and jax.default_backend() == "cpu"
               and (x.shape[1] * x.shape[2] <= _IM2COL_PIXELS
