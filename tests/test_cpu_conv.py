@@ -72,6 +72,23 @@ def test_fused_and_staged_schedules_are_bitwise_equal(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_filter_transformed_inside_the_conv_is_bitwise_equal(monkeypatch):
+    """Small maps with wide filters transform the filter inside the product pass
+    (ConvFilterImpl, forward and input gradient): same arithmetic, same bits."""
+    x, k, ct = _data(2, 7, 5, 144, 160)  # odd sizes, 304 channels in + out, 2.5 panels
+    f = jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(cpu_conv.conv3x3(x, k) * ct),
+                                   argnums=(0, 1)))
+    hlo = f.lower(x, k).as_text()
+    assert hlo.count("jaxmed_winograd_conv_filter") == 2 and "jaxmed_winograd_filter" not in hlo
+    inside = f(x, k)
+    monkeypatch.setattr(cpu_conv, "_filter_inside", lambda *a: False)
+    separate = _grads(cpu_conv.conv3x3, x, k, ct)
+    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(separate)):
+        np.testing.assert_array_equal(a, b)
+    (_, (dx, dw)), (_, ref) = inside, _grads(_xla, x, k, ct)
+    assert _rel(dx, ref[0]) <= 1e-5 and _rel(dw, ref[1]) <= 1e-5
+
+
 def test_example_does_not_depend_on_its_batch():
     """An image must come out bit for bit the same however a batch is split (sampling on
     any number of devices): every output element is summed in the same order."""
@@ -124,6 +141,9 @@ def test_bad_shapes_are_rejected():
         jax.block_until_ready(jax.jit(cpu_conv._conv)(x, u))
     with pytest.raises(Exception, match=r"u must be \(16, Ci, Co\)"):
         jax.block_until_ready(jax.jit(cpu_conv._conv)(x, jnp.ones((16, 32, 16), jnp.float32)))
+    with pytest.raises(Exception, match=r"w must be \(3, 3, Ci, Co\) with x's Ci"):
+        f = jax.jit(lambda x, w: cpu_conv._conv_filter(x, w, False))
+        jax.block_until_ready(f(x, jnp.ones((3, 3, 32, 16), jnp.float32)))
 
 
 def test_fallback_without_compiler(monkeypatch, tmp_path, caplog):
