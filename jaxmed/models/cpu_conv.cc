@@ -8,13 +8,15 @@
 // Each 2x2 output tile reads a 4x4 input patch. With V = B^T d B (input patch), U = G g G^T
 // (filter) and M = sum over input channels of V * U (elementwise over the 16 positions),
 // the output tile is A^T M A. The channel sums are 16 matrix products, one per position.
-// Three kernels (the filter transforms are here too: as jnp einsums XLA:CPU took longer
+// Four kernels (the filter transforms are here too: as jnp einsums XLA:CPU took longer
 // over them than over the convolution):
-//   WinogradFilter: w (3,3,Ci,Co)                 -> u (16,Ci,Co), or with flip=true the
-//                   transform of the flipped, transposed filter, (16,Co,Ci)
-//   WinogradConv:   x (N,H,W,Ci), u (16,Ci,Co)    -> y (N,H,W,Co) and a work buffer
-//   WinogradWgrad:  x (N,H,W,Ci), dy (N,H,W,Co)   -> dw (3,3,Ci,Co) and two work buffers
-// The input gradient is WinogradConv of dy with the flipped filter's transform.
+//   WinogradFilter:     w (3,3,Ci,Co)               -> u (16,Ci,Co), or with flip=true the
+//                       transform of the flipped, transposed filter, (16,Co,Ci)
+//   WinogradConv:       x (N,H,W,Ci), u (16,Ci,Co)  -> y (N,H,W,Co) and a work buffer
+//   WinogradConvFilter: x (N,H,W,Ci), w (3,3,Ci,Co) -> y and a work buffer: the two above in
+//                       one call, the filter transformed panel by panel (flip as above)
+//   WinogradWgrad:      x (N,H,W,Ci), dy (N,H,W,Co) -> dw (3,3,Ci,Co) and two work buffers
+// The input gradient is the conv of dy with the flipped filter's transform.
 //
 // The 16 products of every schedule run through one register-blocked micro-kernel (near
 // the core's peak: 230 GFLOP/s on one AVX-512 core). Every output element is accumulated
@@ -151,6 +153,29 @@ void GradTransform(const Shape& s, const float* dy, int64_t tile, const float* z
   }
 }
 
+// The staged schedules' first and last passes: every tile's input transform into V
+// (16, tiles, Ci), and every tile's output transform from M (16, tiles, Co) into y.
+void TransformInputs(ffi::ThreadPool& pool, const Shape& s, const float* x, float* V) {
+  const int64_t nt = s.tiles();
+  ParallelFor(pool, (nt + kTransformTiles - 1) / kTransformTiles, [&](int64_t b) {
+    float* zeros = Scratch(s.ci);
+    std::fill(zeros, zeros + s.ci, 0.0f);
+    for (int64_t t = b * kTransformTiles; t < std::min(nt, (b + 1) * kTransformTiles); ++t) {
+      InputTransform(s, x, t, zeros, V + t * s.ci, nt * s.ci);
+    }
+  });
+}
+
+void TransformOutputs(ffi::ThreadPool& pool, const Shape& s, const float* M, float* y) {
+  const int64_t nt = s.tiles();
+  ParallelFor(pool, (nt + kTransformTiles - 1) / kTransformTiles, [&](int64_t b) {
+    float* sink = Scratch(s.co);
+    for (int64_t t = b * kTransformTiles; t < std::min(nt, (b + 1) * kTransformTiles); ++t) {
+      OutputTransform(s, M + t * s.co, nt * s.co, t, y, sink);
+    }
+  });
+}
+
 // Tiles per block: the block's transformed input and products (16 x T x (Ci + Co) floats)
 // in about 512 KB of L2, T a multiple of the micro-kernel's rows.
 int64_t BlockTiles(int64_t channels) {
@@ -283,13 +308,7 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   }
   float* V = work->typed_data();
   float* M = V + 16 * nt * s.ci;
-  ParallelFor(pool, (nt + kTransformTiles - 1) / kTransformTiles, [&](int64_t b) {
-    float* zeros = Scratch(s.ci);
-    std::fill(zeros, zeros + s.ci, 0.0f);
-    for (int64_t t = b * kTransformTiles; t < std::min(nt, (b + 1) * kTransformTiles); ++t) {
-      InputTransform(s, X, t, zeros, V + t * s.ci, nt * s.ci);
-    }
-  });
+  TransformInputs(pool, s, X, V);
   constexpr int64_t kRows = 16 * kMR;  // tiles per product task
   const int64_t blocks = (nt + kRows - 1) / kRows;
   ParallelFor(pool, 16 * blocks, [&](int64_t item) {
@@ -297,12 +316,7 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     Gemm<false>(n, s.co, s.ci, V + (p * nt + t0) * s.ci, s.ci, 1, U + p * s.ci * s.co, s.co,
                 M + (p * nt + t0) * s.co, s.co);
   });
-  ParallelFor(pool, (nt + kTransformTiles - 1) / kTransformTiles, [&](int64_t b) {
-    float* sink = Scratch(s.co);
-    for (int64_t t = b * kTransformTiles; t < std::min(nt, (b + 1) * kTransformTiles); ++t) {
-      OutputTransform(s, M + t * s.co, nt * s.co, t, Y, sink);
-    }
-  });
+  TransformOutputs(pool, s, M, Y);
   return ffi::Error::Success();
 }
 
@@ -333,13 +347,7 @@ ffi::Error ConvFilterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   float* Y = y->typed_data();
   float* V = work->typed_data();
   float* M = V + 16 * nt * s.ci;
-  ParallelFor(pool, (nt + kTransformTiles - 1) / kTransformTiles, [&](int64_t b) {
-    float* zeros = Scratch(s.ci);
-    std::fill(zeros, zeros + s.ci, 0.0f);
-    for (int64_t t = b * kTransformTiles; t < std::min(nt, (b + 1) * kTransformTiles); ++t) {
-      InputTransform(s, X, t, zeros, V + t * s.ci, nt * s.ci);
-    }
-  });
+  TransformInputs(pool, s, X, V);
   constexpr int64_t kPanel = kNV * kLanes;  // output channels per task
   const int64_t wco = wd[3];                // w's row length
   ParallelFor(pool, (s.co + kPanel - 1) / kPanel, [&](int64_t b) {
@@ -360,7 +368,9 @@ ffi::Error ConvFilterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       // outputs (this conv's inputs) into tmp[p][o][i], then transposed into the panel.
       for (int64_t o = 0; o < no; ++o) {
         for (int k = 0; k < 3; ++k) {
-          for (int l = 0; l < 3; ++l) g[k][l] = W + (((2 - k) * 3 + (2 - l)) * s.co + o0 + o) * wco;
+          for (int l = 0; l < 3; ++l) {
+            g[k][l] = W + (((2 - k) * 3 + (2 - l)) * s.co + o0 + o) * wco;
+          }
         }
         FilterRows(g, s.ci, tmp + o * s.ci, kPanel * s.ci);
       }
@@ -377,12 +387,7 @@ ffi::Error ConvFilterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
                   M + p * nt * s.co + o0, s.co);
     }
   });
-  ParallelFor(pool, (nt + kTransformTiles - 1) / kTransformTiles, [&](int64_t b) {
-    float* sink = Scratch(s.co);
-    for (int64_t t = b * kTransformTiles; t < std::min(nt, (b + 1) * kTransformTiles); ++t) {
-      OutputTransform(s, M + t * s.co, nt * s.co, t, Y, sink);
-    }
-  });
+  TransformOutputs(pool, s, M, Y);
   return ffi::Error::Success();
 }
 

@@ -70,10 +70,12 @@ class Linear(nn.Module):
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x (..., K) @ w (K, N); on CPU in float32 with the weight gradient by cpu_dense."""
-    if (x.dtype == jnp.float32 and w.dtype == jnp.float32 and jax.default_backend() == "cpu"
-            and cpu_dense.wins(x.size // x.shape[-1], *w.shape) and cpu_dense.available()):
-        return _matmul_cpu(x, w)
-    return jnp.dot(x, w)
+    return _matmul_cpu(x, w) if _dense_kernel(x, w) else jnp.dot(x, w)
+
+
+def _dense_kernel(x: jax.Array, w: jax.Array) -> bool:
+    return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and jax.default_backend() == "cpu"
+            and cpu_dense.wins(x.size // x.shape[-1], *w.shape) and cpu_dense.available())
 
 
 @jax.custom_vjp
@@ -173,7 +175,9 @@ def _im2col_bwd(res, dy):
     for i in range(3):  # each tap's gradient lands on its shifted window
         for j in range(3):
             dxp = dxp.at[:, i:i + h, j:j + wd].add(dcols[:, :, :, i, j])
-    return dxp[:, 1:-1, 1:-1], (_patches(x).T @ dyf).reshape(w.shape)
+    cols, w2 = _patches(x), w.reshape(9 * c, -1)
+    dw = cpu_dense.wgrad(cols, dyf) if _dense_kernel(cols, w2) else cols.T @ dyf
+    return dxp[:, 1:-1, 1:-1], dw.reshape(w.shape)
 
 
 im2col_conv3x3.defvjp(_im2col_fwd, _im2col_bwd)
