@@ -128,7 +128,10 @@ def run_jax(cfg_name: str, size: int, strategy: str, steps: int) -> dict:
         set_override(c, k, str(v))
     opts = {"lrs": {"unet": 1e-4}} if strategy == "unet" else {"lr": 1e-4}
     strat = train.strategies_lib.get(strategy, **opts)
-    trainable, frozen = strat.init(params, jax.random.PRNGKey(0))
+    # Under jit, as jaxmed.train does: the frozen weights become device arrays once (eagerly
+    # they would stay numpy and be copied to the device in every step: +37 ms a medium
+    # lora step).
+    trainable, frozen = jax.jit(strat.init)(params, jax.random.PRNGKey(0))
     tx = train.make_optimizer(strat, trainable, c.optim)
     st = train.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                           opt_state=tx.init(trainable), ema=None,
