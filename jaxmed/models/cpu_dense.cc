@@ -37,7 +37,7 @@ ffi::Error WgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (n % kLanes) {
     return ffi::Error::InvalidArgument("jaxmed dense: N must be a multiple of 16");
   }
-  // Tasks: blocks of 8 micro-kernel rows (of K) x one panel of output columns (of N).
+  // Tasks: 48 rows (of K) x 128 columns (of N) of dw, each summed over all M rows.
   constexpr int64_t kRows = 8 * kMR, kCols = 4 * kNV * kLanes;
   const int64_t rows = (k + kRows - 1) / kRows, cols = (n + kCols - 1) / kCols;
   const float* X = x.typed_data();
