@@ -93,6 +93,22 @@ def scale_by_adam_guarded(b1: float, b2: float, eps: float
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm (same state, same result to float32 rounding) with the
+    clipping as one scalar factor per step: XLA then folds ``g * factor`` into the moment
+    updates, where optax's per-element ``g / norm`` (a divide, which XLA will not duplicate
+    into the two consumers) is written out as a clipped copy of every gradient first:
+    one pass over the gradients less (medium UNet: ~10 ms of a 2-core CPU step)."""
+
+    def update(updates, state, params=None):
+        del params
+        g_norm = optax.tree.norm(updates)
+        factor = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
+        return jax.tree_util.tree_map(lambda t: t * factor.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(strategy: Strategy, trainable: Any, cfg: ml_collections.ConfigDict,
                    lrs: Mapping[str, float] | None = None) -> optax.GradientTransformation:
     """AdamW per component (its own constant lr, optional warmup), after global-norm
@@ -119,7 +135,7 @@ def make_optimizer(strategy: Strategy, trainable: Any, cfg: ml_collections.Confi
 
     tx = optax.multi_transform({c: adamw(lrs[c]) for c in used}, labels)
     if cfg.clip_norm and cfg.clip_norm > 0:
-        clip = optax.clip_by_global_norm(cfg.clip_norm)
+        clip = clip_by_global_norm(cfg.clip_norm)
         if not cfg.clip_adapters:
             keep = jax.tree_util.tree_map(lambda a: not a, strategy.adapter_mask(trainable))
             if not any(jax.tree_util.tree_leaves(keep)):
