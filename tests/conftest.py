@@ -1,5 +1,6 @@
 """Shared test set-up: persistent XLA compilation cache, float32 determinism, torch threads."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -34,6 +35,22 @@ def run_on_8_cpu_devices(script: str) -> None:
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def kernel_without_compiler(kernel, monkeypatch, tmp_path, caplog) -> str:
+    """Make `kernel` (a cpu_kernels.Kernel) try to build with a compiler that does not exist;
+    assert it reports itself unavailable, with a warning naming its source, and leaves no
+    library behind. Returns the logged warnings."""
+    from jaxmed.models import cpu_kernels
+
+    monkeypatch.setattr(kernel, "_ok", None)
+    monkeypatch.setenv("JAXMED_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert not kernel.available()
+    assert f"{kernel.source.name} unavailable" in caplog.text
+    assert not list(tmp_path.glob("*.so"))
+    return caplog.text
 
 
 LABELS = ("No Finding", "Cardiomegaly", "Lung Opacity", "Edema", "Pneumonia", "Pneumothorax",

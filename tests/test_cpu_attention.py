@@ -2,15 +2,14 @@
 outputs and gradients, odd sizes, vmap, dtypes, the layers.attention dispatch, the fallback
 when no compiler is found, and a data-sharded batch on 8 simulated devices."""
 
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_on_8_cpu_devices
+from conftest import kernel_without_compiler, run_on_8_cpu_devices
 
-from jaxmed.models import cpu_attention, cpu_kernels, layers
+from jaxmed.models import cpu_attention, layers
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")
@@ -127,13 +126,8 @@ def test_batch_split_is_bitwise_invariant():
 
 
 def test_fallback_without_compiler(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_attention.KERNEL, "_ok", None)
-    monkeypatch.setenv("JAXMED_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
-        assert not cpu_attention.available()
-    assert "cpu_attention.cc unavailable" in caplog.text and "no-such-compiler" in caplog.text
-    assert not list(tmp_path.glob("*.so"))
+    log = kernel_without_compiler(cpu_attention.KERNEL, monkeypatch, tmp_path, caplog)
+    assert "no-such-compiler" in log
     b, heads, lq, c = 2, 4, 400, 16
     q, k, v, _ = _data((b,), lq, lq, c)
     hlo = jax.jit(layers.attention, static_argnums=3).lower(q, k, v, heads).as_text()

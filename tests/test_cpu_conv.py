@@ -3,17 +3,16 @@ input and weight gradients, odd sizes, both schedules, batch-split invariance, t
 layers.Conv dispatch, bad shapes, the fallback when no compiler is found, and a
 data-sharded batch on 8 simulated devices."""
 
-import logging
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_on_8_cpu_devices
+from conftest import kernel_without_compiler, run_on_8_cpu_devices
 from jax import lax
 
-from jaxmed.models import cpu_conv, cpu_kernels, layers
+from jaxmed.models import cpu_conv, layers
 
 pytestmark = pytest.mark.skipif(not cpu_conv.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")
@@ -147,13 +146,8 @@ def test_bad_shapes_are_rejected():
 
 
 def test_fallback_without_compiler(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_conv.KERNEL, "_ok", None)
-    monkeypatch.setenv("JAXMED_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
-        assert not cpu_conv.available()
-    assert "cpu_conv.cc unavailable" in caplog.text and "XLA's convolution" in caplog.text
-    assert not list(tmp_path.glob("*.so"))
+    log = kernel_without_compiler(cpu_conv.KERNEL, monkeypatch, tmp_path, caplog)
+    assert "XLA's convolution" in log
     x = jnp.ones((2, 16, 16, 32), jnp.float32)
     assert "winograd" not in _conv_hlo(x)[0]
 

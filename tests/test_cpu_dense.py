@@ -3,15 +3,14 @@ numpy: odd shapes, several token blocks, partial panels, reproducibility, the
 layers.matmul dispatch and gradients, dead-code elimination for frozen weights, bad shapes,
 the fallback when no compiler is found, and a data-sharded batch on 8 simulated devices."""
 
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_on_8_cpu_devices
+from conftest import kernel_without_compiler, run_on_8_cpu_devices
 
-from jaxmed.models import cpu_dense, cpu_kernels, layers
+from jaxmed.models import cpu_dense, layers
 
 pytestmark = pytest.mark.skipif(not cpu_dense.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")
@@ -79,13 +78,8 @@ def test_bad_shapes_are_rejected():
 
 
 def test_fallback_without_compiler(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_dense.KERNEL, "_ok", None)
-    monkeypatch.setenv("JAXMED_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
-        assert not cpu_dense.available()
-    assert "cpu_dense.cc unavailable" in caplog.text and "XLA's dot" in caplog.text
-    assert not list(tmp_path.glob("*.so"))
+    log = kernel_without_compiler(cpu_dense.KERNEL, monkeypatch, tmp_path, caplog)
+    assert "XLA's dot" in log
     x, w = jnp.ones((8, 16), jnp.float32), jnp.ones((16, 32), jnp.float32)
     hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.matmul(x, w)), argnums=1)).lower(
         x, w).as_text()
