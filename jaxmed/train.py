@@ -37,6 +37,7 @@ from jaxmed import schedulers, sharding
 from jaxmed import strategies as strategies_lib
 from jaxmed.checkpoint import Checkpointer, abstract_like
 from jaxmed.models.sd import StableDiffusion
+from jaxmed.optim import Optimizer, make_optimizer
 from jaxmed.strategies.base import Strategy
 
 log = logging.getLogger("jaxmed.train")
@@ -60,90 +61,6 @@ def build_strategy(cfg: ml_collections.ConfigDict) -> Strategy:
             continue
         opts[k] = v
     return strategies_lib.get(cfg.name, **opts)
-
-
-def scale_by_adam_guarded(b1: float, b2: float, eps: float
-                          ) -> optax.GradientTransformationExtraArgs:
-    """optax.scale_by_adam (same arithmetic, same state) whose update takes the extra
-    argument ``ok``: when it is False the count and moments stay as they were.
-
-    Guarding here rather than selecting old-or-new over the whole state afterwards lets the
-    moments be updated in place and then read by the parameter update
-    (optimization_barrier: otherwise XLA recomputes them inside the parameter update from
-    the old moments, which it must first copy). Medium UNet step on 2 CPU cores: ~184 ->
-    ~175 ms."""
-    init = optax.scale_by_adam(b1=b1, b2=b2, eps=eps).init
-
-    def update(updates, state, params=None, *, ok=True, **extra_args):
-        del params, extra_args
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-        count = optax.safe_increment(state.count)
-
-        def keep(new, old):
-            return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-        mu, nu, count = keep(mu, state.mu), keep(nu, state.nu), keep(count, state.count)
-        mu, nu = jax.lax.optimization_barrier((mu, nu))
-        mu_hat = optax.tree.bias_correction(mu, b1, count)
-        nu_hat = optax.tree.bias_correction(nu, b2, count)
-        updates = jax.tree_util.tree_map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
-        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """optax.clip_by_global_norm (same state, same result to float32 rounding) with the
-    clipping as one scalar factor per step: XLA then folds ``g * factor`` into the moment
-    updates, where optax's per-element ``g / norm`` (a divide, which XLA will not duplicate
-    into the two consumers) is written out as a clipped copy of every gradient first:
-    one pass over the gradients less (medium UNet: ~10 ms of a 2-core CPU step)."""
-
-    def update(updates, state, params=None):
-        del params
-        g_norm = optax.tree.norm(updates)
-        factor = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
-        return jax.tree_util.tree_map(lambda t: t * factor.astype(t.dtype), updates), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update)
-
-
-def make_optimizer(strategy: Strategy, trainable: Any, cfg: ml_collections.ConfigDict,
-                   lrs: Mapping[str, float] | None = None) -> optax.GradientTransformation:
-    """AdamW per component (its own constant lr, optional warmup), after global-norm
-    clipping over every trainable leaf (or, with clip_adapters=False as in the authors'
-    code, over the non-adapter leaves only)."""
-    lrs = dict(lrs or strategy.learning_rates())
-    labels = strategy.lr_labels(trainable)
-    used = set(jax.tree_util.tree_leaves(labels))
-    missing = used - set(lrs)
-    if missing:
-        raise ValueError(f"strategy {strategy.name!r} trains {sorted(missing)} but has no "
-                         f"learning rate for it (have {lrs})")
-
-    def adamw(lr: float) -> optax.GradientTransformation:
-        sched = optax.linear_schedule(0.0, lr, cfg.warmup_steps) if cfg.warmup_steps else lr
-        if cfg.warmup_steps:
-            sched = optax.join_schedules(
-                [optax.linear_schedule(0.0, lr, cfg.warmup_steps), optax.constant_schedule(lr)],
-                [cfg.warmup_steps])
-        # optax.adamw's chain, with the non-finite-step guard inside the moment update.
-        return optax.chain(scale_by_adam_guarded(cfg.b1, cfg.b2, cfg.eps),
-                           optax.add_decayed_weights(cfg.weight_decay),
-                           optax.scale_by_learning_rate(sched))
-
-    tx = optax.multi_transform({c: adamw(lrs[c]) for c in used}, labels)
-    if cfg.clip_norm and cfg.clip_norm > 0:
-        clip = clip_by_global_norm(cfg.clip_norm)
-        if not cfg.clip_adapters:
-            keep = jax.tree_util.tree_map(lambda a: not a, strategy.adapter_mask(trainable))
-            if not any(jax.tree_util.tree_leaves(keep)):
-                clip = optax.identity()
-            else:
-                clip = optax.masked(clip, keep)
-        tx = optax.chain(clip, tx)
-    return tx
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,7 +145,7 @@ def autoencoder_loss(sd: StableDiffusion, strategy: Strategy, trainable: Any, fr
 OBJECTIVES = ("diffusion", "autoencoder")
 
 
-def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: optax.GradientTransformation,
+def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
                     config: ml_collections.ConfigDict):
     """``step(state, frozen, batch) -> (state, metrics)``; batch leading dim = the global
     batch of one optimizer step (micro-batch x grad_accum)."""
@@ -293,27 +210,22 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: optax.GradientT
         aux = {k: v / accum for k, v in aux.items()}
         gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable, ok=ok)
-        trainable = optax.apply_updates(state.trainable, updates)
+        # A non-finite step changes nothing: params and optimizer state stay the last good
+        # ones (tx.apply guards them), and so do the EMA and the step.
+        trainable, opt_state = tx.apply(grads, state.opt_state, state.trainable, ok)
         ema = state.ema
         if ema_decay > 0:
             # Warm-up (1 + t) / (10 + t): early on the EMA follows the weights instead of
             # staying near the random or base start.
             t = state.step.astype(jnp.float32)
             d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
-            ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, trainable)
-        # A non-finite step changes nothing: the state stays the last good one (Adam's
-        # moments are already guarded inside the optimizer: scale_by_adam_guarded).
-        def keep(new, old):
-            return jax.tree_util.tree_map(
-                lambda a, b: a if isinstance(a, optax.ScaleByAdamState) else jnp.where(ok, a, b),
-                new, old, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-
+            ema = jax.tree_util.tree_map(lambda e, p: jnp.where(ok, d * e + (1 - d) * p, e),
+                                         state.ema, trainable)
         new_state = TrainState(
             step=state.step + 1,
-            trainable=keep(trainable, state.trainable),
-            opt_state=keep(opt_state, state.opt_state),
-            ema=keep(ema, state.ema),
+            trainable=trainable,
+            opt_state=opt_state,
+            ema=ema,
             bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step),
         )
         metrics = {"loss": loss, "grad_norm": gnorm, **aux}
