@@ -2,10 +2,13 @@
 
     python bench/bench_train.py                      # tiny + medium, 16x16 and 32x32 latents
     python bench/bench_train.py --configs tiny --sizes 16 --strategies unet lora --steps 10
+    python bench/bench_train.py --device cuda --configs sd15 --sizes 64   # on a GPU machine
 
-The UNet configurations are DESIGN.md's (so the figures compare with its table): batch 4,
-fp32, text context (4, 77, cross_attention_dim), DDPM scaled_linear betas, AdamW lr 1e-4
-wd 1e-2, grad-norm clip 1.0, LoRA r8 alpha 16 on to_q/to_k/to_v/to_out.0.
+The UNet configurations are DESIGN.md's (so the figures compare with its table), plus
+SD 1.5's own UNet (`sd15`, 860M parameters; 64x64 latents are the study's 512 px): batch 4,
+fp32 (on a GPU both frameworks may use TF32 in matrix products and convolutions), text
+context (4, 77, cross_attention_dim), DDPM scaled_linear betas, AdamW lr 1e-4 wd 1e-2,
+grad-norm clip 1.0, LoRA r8 alpha 16 on to_q/to_k/to_v/to_out.0.
 
 PyTorch: diffusers UNet2DConditionModel (+ peft for LoRA; biases only for BitFit) and
 torch.optim.AdamW, the step the authors' train script runs on cached latents.
@@ -40,6 +43,10 @@ CONFIGS = {
                                      "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                    cross_attention_dim=64),
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 cross_attention_dim=768),
 }
 BATCH = 4
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -54,12 +61,13 @@ def torch_unet(cfg_name: str):
                                 norm_num_groups=32, **CONFIGS[cfg_name])
 
 
-def run_torch(cfg_name: str, size: int, strategy: str, steps: int) -> dict:
+def run_torch(cfg_name: str, size: int, strategy: str, steps: int, device: str) -> dict:
     import torch
     from diffusers import DDPMScheduler
 
     torch.set_num_threads(os.cpu_count() or 1)
-    unet = torch_unet(cfg_name)
+    torch.backends.cuda.matmul.allow_tf32 = True  # as XLA's default precision on GPU
+    unet = torch_unet(cfg_name).to(device)
     if strategy == "lora":
         from peft import LoraConfig
 
@@ -73,14 +81,15 @@ def run_torch(cfg_name: str, size: int, strategy: str, steps: int) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           num_train_timesteps=1000)
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(BATCH, 4, size, size, generator=g)
-    ctx = torch.randn(BATCH, 77, CONFIGS[cfg_name]["cross_attention_dim"], generator=g)
+    g = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(BATCH, 4, size, size, generator=g, device=device)
+    ctx = torch.randn(BATCH, 77, CONFIGS[cfg_name]["cross_attention_dim"], generator=g,
+                      device=device)
     unet.train()
 
     def step():
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, 1000, (BATCH,), generator=g)
+        noise = torch.randn(latents.shape, generator=g, device=device)
+        t = torch.randint(0, 1000, (BATCH,), generator=g, device=device)
         noisy = sched.add_noise(latents, noise, t)
         pred = unet(noisy, t, ctx).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
@@ -88,7 +97,7 @@ def run_torch(cfg_name: str, size: int, strategy: str, steps: int) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss)  # waits for the device
 
     t0 = time.perf_counter()
     step()
@@ -98,15 +107,20 @@ def run_torch(cfg_name: str, size: int, strategy: str, steps: int) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"first_step_s": first, "step_ms": 1000 * statistics.median(times),
-            "trainable": sum(p.numel() for p in params)}
+    out = {"first_step_s": first, "step_ms": 1000 * statistics.median(times),
+           "trainable": sum(p.numel() for p in params)}
+    if device != "cpu":
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
-def run_jax(cfg_name: str, size: int, strategy: str, steps: int) -> dict:
+def run_jax(cfg_name: str, size: int, strategy: str, steps: int, device: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    if jax.default_backend() != ("gpu" if device == "cuda" else device):
+        raise SystemExit(f"--device {device}: jax's default backend is {jax.default_backend()}")
     from jaxmed import train
     from jaxmed.cli import load_config, set_override
     from jaxmed.models import convert, tiny, unet
@@ -160,18 +174,20 @@ def run_jax(cfg_name: str, size: int, strategy: str, steps: int) -> dict:
            "trainable": count(trainable)}
     if mem is not None:
         out["xla_temp_mb"] = getattr(mem, "temp_size_in_bytes", 0) / 2**20
+    if device != "cpu":
+        out["device_peak_mb"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
     return out
 
 
 def child(args) -> None:
-    fw, cfg_name, size, strategy, steps = args
+    fw, cfg_name, size, strategy, steps, device = args
     # What jaxmed's command-line tools do first (jaxmed/hostmem.py); torch gets the same
     # malloc, so the comparison stays like for like. --malloc default turns it off for both.
     from jaxmed.hostmem import keep_freed_memory
 
     keep_freed_memory()
     fn = run_torch if fw == "torch" else run_jax
-    res = fn(cfg_name, int(size), strategy, int(steps))
+    res = fn(cfg_name, int(size), strategy, int(steps), device)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -189,8 +205,10 @@ def main() -> None:
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
                     help="keep: both processes keep freed memory (jaxmed.hostmem, what the "
                          "jaxmed CLIs do); default: glibc's defaults for both")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where both frameworks run (cuda: torch on the GPU, jax's GPU backend)")
     ap.add_argument("--json", help="also write the rows here")
-    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(a.child)
@@ -199,6 +217,9 @@ def main() -> None:
     if a.malloc == "default":
         env["JAXMED_HOST_MALLOC"] = "default"
     rows = []
+    # MB: peak host RSS on CPU, peak device memory on a GPU
+    mb = ("torch_rss_mb", "jax_rss_mb") if a.device == "cpu" else ("torch_device_mb",
+                                                                    "jax_device_mb")
     print(f"{'config':8} {'latent':>6} {'strategy':8} {'torch ms':>9} {'jaxmed ms':>9} "
           f"{'speedup':>7} {'jax compile s':>13} {'torch MB':>9} {'jax MB':>8}")
     for cfg_name in a.configs:
@@ -208,24 +229,28 @@ def main() -> None:
                 for _ in range(a.rounds):
                     for fw in ("torch", "jax"):
                         p = subprocess.run([sys.executable, __file__, "--child", fw, cfg_name,
-                                            str(size), strategy, str(a.steps)],
+                                            str(size), strategy, str(a.steps), a.device],
                                            capture_output=True, text=True, env=env)
                         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
                         if p.returncode or not line:
                             raise SystemExit(f"{fw} {cfg_name} {size} {strategy} failed:\n"
                                              f"{p.stderr[-3000:]}")
                         runs[fw].append(json.loads(line[0][7:]))
+                        print(f"  ({fw} {cfg_name} {size} {strategy}: "
+                              f"{runs[fw][-1]['step_ms']:.1f} ms)", flush=True)
                 t, j = (sorted(r, key=lambda x: x["step_ms"])[len(r) // 2]  # median run
                         for r in (runs["torch"], runs["jax"]))
                 row = {"config": cfg_name, "latent": size, "strategy": strategy,
                        "torch_ms": t["step_ms"], "jax_ms": j["step_ms"],
                        "speedup": t["step_ms"] / j["step_ms"], "jax_compile_s": j["compile_s"],
                        "torch_rss_mb": t["peak_rss_mb"], "jax_rss_mb": j["peak_rss_mb"],
+                       "device": a.device, "torch_device_mb": t.get("device_peak_mb"),
+                       "jax_device_mb": j.get("device_peak_mb"),
                        "trainable_torch": t["trainable"], "trainable_jax": j["trainable"]}
                 rows.append(row)
                 print(f"{cfg_name:8} {size:>6} {strategy:8} {row['torch_ms']:9.1f} "
                       f"{row['jax_ms']:9.1f} {row['speedup']:6.2f}x {row['jax_compile_s']:13.1f} "
-                      f"{row['torch_rss_mb']:9.0f} {row['jax_rss_mb']:8.0f}", flush=True)
+                      f"{row[mb[0]]:9.0f} {row[mb[1]]:8.0f}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
