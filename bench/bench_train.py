@@ -12,7 +12,7 @@ grad-norm clip 1.0, LoRA r8 alpha 16 on to_q/to_k/to_v/to_out.0.
 
 PyTorch: diffusers UNet2DConditionModel (+ peft for LoRA; biases only for BitFit) and
 torch.optim.AdamW, the step the authors' train script runs on cached latents.
-jaxmed: the real `jaxmed.train.make_train_step` (strategy registry, optax AdamW, clipping)
+jaxmed: the real `jaxmed.train.make_train_step` (strategy registry, jaxmed.optim's AdamW)
 on cached latents and text embeddings, i.e. what a study run executes.
 
 Each (framework, config, size, strategy) runs in its own process, so peak RSS is the
@@ -114,7 +114,9 @@ def run_torch(cfg_name: str, size: int, strategy: str, steps: int, device: str) 
     return out
 
 
-def run_jax(cfg_name: str, size: int, strategy: str, steps: int, device: str) -> dict:
+def jax_step(cfg_name: str, size: int, strategy: str, device: str = "cpu"):
+    """jaxmed's compiled train step on this config: (step, state, frozen, batch, info);
+    ``state, metrics = step(state, frozen, batch)`` (the state is donated)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -160,8 +162,17 @@ def run_jax(cfg_name: str, size: int, strategy: str, steps: int, device: str) ->
     }
     t0 = time.perf_counter()
     compiled = step_fn.lower(st, frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
+    info = {"compile_s": time.perf_counter() - t0, "trainable": count(trainable)}
     mem = compiled.memory_analysis()
+    if mem is not None:
+        info["xla_temp_mb"] = getattr(mem, "temp_size_in_bytes", 0) / 2**20
+    return compiled, st, frozen, batch, info
+
+
+def run_jax(cfg_name: str, size: int, strategy: str, steps: int, device: str) -> dict:
+    import jax
+
+    compiled, st, frozen, batch, out = jax_step(cfg_name, size, strategy, device)
     st, m = compiled(st, frozen, batch)
     jax.block_until_ready(m)
     times = []
@@ -170,10 +181,7 @@ def run_jax(cfg_name: str, size: int, strategy: str, steps: int, device: str) ->
         st, m = compiled(st, frozen, batch)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
-    out = {"compile_s": compile_s, "step_ms": 1000 * statistics.median(times),
-           "trainable": count(trainable)}
-    if mem is not None:
-        out["xla_temp_mb"] = getattr(mem, "temp_size_in_bytes", 0) / 2**20
+    out["step_ms"] = 1000 * statistics.median(times)
     if device != "cpu":
         out["device_peak_mb"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
     return out
