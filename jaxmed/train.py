@@ -210,8 +210,8 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
         aux = {k: v / accum for k, v in aux.items()}
         gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        # A non-finite step changes nothing: params and optimizer state stay the last good
-        # ones (tx.apply guards them), and so do the EMA and the step.
+        # A non-finite step changes nothing but the step counter (and bad_step): params and
+        # optimizer state stay the last good ones (tx.apply guards them), the EMA too.
         trainable, opt_state = tx.apply(grads, state.opt_state, state.trainable, ok)
         ema = state.ema
         if ema_decay > 0:
