@@ -110,17 +110,15 @@ def make_optimizer(strategy: Strategy, trainable: Any, cfg: ml_collections.Confi
         {c: optax.chain(scale_by_adam_guarded(cfg.b1, cfg.b2, cfg.eps),
                         optax.add_decayed_weights(cfg.weight_decay), lr_txs[c])
          for c in used}, labels)
-    clipped = None  # which leaves the clipping covers (None: no clipping)
+    clipped = None  # which leaves the clipping covers (None: no clipping stage)
     if cfg.clip_norm and cfg.clip_norm > 0:
         clipped = jax.tree_util.tree_map(lambda _: True, trainable)
         clip = clip_by_global_norm(cfg.clip_norm)
         if not cfg.clip_adapters:
             clipped = jax.tree_util.tree_map(lambda a: not a, strategy.adapter_mask(trainable))
-            clip = optax.masked(clip, clipped)
-        if not any(jax.tree_util.tree_leaves(clipped)):
-            clipped = None
-        else:
-            tx = optax.chain(clip, tx)
+            clip = (optax.masked(clip, clipped) if any(jax.tree_util.tree_leaves(clipped))
+                    else optax.identity())
+        tx = optax.chain(clip, tx)
 
     def apply(grads, state, params, ok):
         if _fused(params):
@@ -137,13 +135,15 @@ def make_optimizer(strategy: Strategy, trainable: Any, cfg: ml_collections.Confi
         g_leaves, treedef = jax.tree_util.tree_flatten(grads)
         p_leaves = treedef.flatten_up_to(params)
         label_leaves = treedef.flatten_up_to(labels)
+        # The state is as built above: ([clip state,] multi_transform state); per component
+        # a masked chain of (Adam, weight decay, learning rate) states.
         if clipped is None:
             clip_state, inner, on = None, state, [False] * len(g_leaves)
-            factor = jnp.ones((), jnp.float32)
         else:
             clip_state, inner = state
             on = treedef.flatten_up_to(clipped)
-            factor = clip_factor([g for g, c in zip(g_leaves, on) if c], cfg.clip_norm)
+        factor = (clip_factor([g for g, c in zip(g_leaves, on) if c], cfg.clip_norm)
+                  if any(on) else jnp.ones((), jnp.float32))
         ok = jnp.asarray(ok)
         okf = ok.astype(jnp.float32)
         out_p = list(p_leaves)

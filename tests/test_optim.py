@@ -47,7 +47,7 @@ def _strategy(adapters=("a",)):
         adapter_mask=lambda t: {c: {k: k in adapters for k in s} for c, s in t.items()})
 
 
-def _reference(cfg, params):
+def _reference(cfg, params, adapters):
     """optax's own chain: clipping (over the non-adapter leaves when clip_adapters=False),
     then adamw per component with its warm-up schedule."""
     def adamw(lr):
@@ -59,7 +59,8 @@ def _reference(cfg, params):
     labels = _strategy().lr_labels(params)
     clip = optax.clip_by_global_norm(cfg.clip_norm)
     if not cfg.clip_adapters:
-        clip = optax.masked(clip, {c: {k: k != "a" for k in s} for c, s in params.items()})
+        clip = optax.masked(clip, {c: {k: k not in adapters for k in s}
+                                   for c, s in params.items()})
     return optax.chain(clip, optax.multi_transform({c: adamw(lr) for c, lr in LRS.items()},
                                                    labels))
 
@@ -82,19 +83,23 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("clip_adapters", [True, False])
-def test_apply_equals_optax_adamw(path, clip_adapters):
+# Clipping over every leaf; over the non-adapters; over none (every leaf an adapter, the
+# authors' LoRA setting).
+@pytest.mark.parametrize("clip_adapters,adapters", [(True, ("a",)), (False, ("a",)),
+                                                    (False, ("a", "b", "w"))])
+def test_apply_equals_optax_adamw(path, clip_adapters, adapters):
     cfg = _cfg(clip_norm=1.0, warmup_steps=2, weight_decay=0.01, clip_adapters=clip_adapters)
     params = _params()
-    tx = optim.make_optimizer(_strategy(), params, cfg)
-    ref = _reference(cfg, params)
+    tx = optim.make_optimizer(_strategy(adapters), params, cfg)
+    ref = _reference(cfg, params, adapters)
     apply = jax.jit(tx.apply)
     assert ("jaxmed_adamw" in apply.lower(params, tx.init(params), params, True).as_text()) == (
         path == "kernel")
     p, s, p_ref, s_ref = params, tx.init(params), params, ref.init(params)
     for i in range(4):  # warm-up, then the constant rate
-        p, s = apply(_grads(p, i), s, p, True)
-        u, s_ref = ref.update(_grads(p_ref, i), s_ref, p_ref)
+        g = _grads(p_ref, i)  # one gradient for both: only the optimizers differ
+        p, s = apply(g, s, p, True)
+        u, s_ref = ref.update(g, s_ref, p_ref)
         p_ref = optax.apply_updates(p_ref, u)
         # float32 rounding (the kernel may contract a * b + c into one fma): measured <= 3e-7
         for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(p_ref)):
@@ -105,7 +110,8 @@ def test_apply_equals_optax_adamw(path, clip_adapters):
         assert int(a.count) == int(b.count) == 4
         for x, y in zip(jax.tree_util.tree_leaves((a.mu, a.nu)),
                         jax.tree_util.tree_leaves((b.mu, b.nu))):
-            np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-9)
+            # cancellation leaves some moments far below the leaf's scale: measured <= 7e-8
+            np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-6 * float(np.abs(y).max()))
     # the schedule counts (the only other arrays in the state) advanced alike
     counts = lambda st: sorted(int(x) for x in jax.tree_util.tree_leaves(st) if x.ndim == 0)  # noqa: E731
     assert counts(s) == counts(s_ref)
