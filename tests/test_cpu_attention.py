@@ -2,7 +2,6 @@
 outputs and gradients, odd sizes, vmap, dtypes, the layers.attention dispatch, the fallback
 when no compiler is found, and a data-sharded batch on 8 simulated devices."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -3,7 +3,6 @@ input and weight gradients, odd sizes, both schedules, batch-split invariance, t
 layers.Conv dispatch, bad shapes, the fallback when no compiler is found, and a
 data-sharded batch on 8 simulated devices."""
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

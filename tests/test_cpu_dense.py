@@ -3,7 +3,6 @@ numpy: odd shapes, several token blocks, partial panels, reproducibility, the
 layers.matmul dispatch and gradients, dead-code elimination for frozen weights, bad shapes,
 the fallback when no compiler is found, and a data-sharded batch on 8 simulated devices."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
