@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from jaxmed.data.captions import LABEL_COLUMNS, caption_from_labels
+from jaxmed.eval.report import COLUMNS, metrics_markdown, write_metrics
 
 log = logging.getLogger("jaxmed.evaluate")
 
@@ -59,13 +60,6 @@ SIX: tuple[str, ...] = ("Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "
                         "Pleural Effusion")
 ALL = "all"
 FID_METHODS = ("auto", "sqrtm", "eigh")
-
-# Columns of metrics.csv / the markdown table, in order (None values print as blanks / "—").
-COLUMNS: tuple[str, ...] = (
-    "condition", "n_generated", "n_real", "fid_inception", "fid_domain", "vendi_domain",
-    "vendi_domain_real", "vendi_inception", "align_auroc", "align_accuracy", "align_hit",
-    "clip_score",
-)
 
 
 # --------------------------------------------------------------------------------------
@@ -343,8 +337,6 @@ class Evaluator:
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if out_dir is not None:
-            from jaxmed.eval.report import write_metrics
-
             write_metrics(result, out_dir)
         return result
 
@@ -477,8 +469,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from jaxmed.eval.report import metrics_markdown
-
     print(metrics_markdown(result), flush=True)
     print(f"[jaxmed.evaluate] wrote {os.path.join(args.out, 'metrics.json')}, metrics.csv, "
           "metrics.md", flush=True)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from jaxmed import evaluate as E
 from jaxmed.data.captions import LABEL_COLUMNS, caption_from_labels
+from jaxmed.eval import report
 from jaxmed.eval.classifier import ClassifierConfig, TrainedClassifier, train_classifier
 
 SIX = E.SIX
@@ -117,7 +118,7 @@ def test_files_and_counts(toy, tmp_path):
     with open(os.path.join(out, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [r["condition"] for r in rows] == [*SIX, "all"]
-    assert list(rows[0]) == list(E.COLUMNS)
+    assert list(rows[0]) == list(report.COLUMNS)
     assert rows[-1]["n_generated"] == "30"
     with open(os.path.join(out, "metrics.json")) as f:
         js = json.load(f)  # strict JSON: NaN written as null

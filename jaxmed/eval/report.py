@@ -20,6 +20,14 @@ import numpy as np
 
 DASH = "—"
 
+# Columns of metrics.csv / the markdown table of one evaluation (`jaxmed.evaluate` fills a
+# row per condition with these keys), in order; None values print as blanks / "—".
+COLUMNS: tuple[str, ...] = (
+    "condition", "n_generated", "n_real", "fid_inception", "fid_domain", "vendi_domain",
+    "vendi_domain_real", "vendi_inception", "align_auroc", "align_accuracy", "align_hit",
+    "clip_score",
+)
+
 COLUMN_TITLES = {
     "condition": "condition",
     "n_generated": "N gen",
@@ -117,8 +125,6 @@ def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _metric_columns(result: Mapping) -> list[str]:
-    from jaxmed.evaluate import COLUMNS
-
     present = set()
     for row in result["rows"].values():
         present.update(k for k, v in row.items() if v is not None)
@@ -143,8 +149,6 @@ def metrics_markdown(result: Mapping) -> str:
 def write_metrics(result: Mapping, out_dir: str) -> dict:
     """metrics.json (everything), metrics.csv (a row per condition + all), metrics.md."""
     os.makedirs(out_dir, exist_ok=True)
-    from jaxmed.evaluate import COLUMNS
-
     paths = {"json": write_json(os.path.join(out_dir, "metrics.json"), result)}
     rows = [[result["rows"][c].get(k) for k in COLUMNS] for c in result["conditions"]]
     paths["csv"] = atomic_write(os.path.join(out_dir, "metrics.csv"), csv_text(COLUMNS, rows))
