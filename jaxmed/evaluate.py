@@ -9,7 +9,7 @@ r"""Score a set of generated chest X-rays against real ones, per condition and o
 is a CheXpert-format CSV of real held-out images. Writes ``metrics.json``, ``metrics.csv``
 and ``metrics.md`` (one row per condition and one for all conditions).
 
-Metrics (SEED.md "Metrics"), for each of the study's six conditions (Cardiomegaly, Lung
+Metrics (docs/STUDY.md "Metrics"), for each of the study's six conditions (Cardiomegaly, Lung
 Opacity, Edema, No Finding, Pneumothorax, Pleural Effusion) -- real images with that label
 against generated images whose prompt carries it -- and over all images:
 
@@ -50,15 +50,12 @@ from typing import Any
 
 import numpy as np
 
-from jaxmed.data.captions import LABEL_COLUMNS, caption_from_labels
+from jaxmed.data.captions import caption_from_labels
+from jaxmed.data.labels import ALL, CONDITIONS, LABELS
 from jaxmed.eval.report import COLUMNS, metrics_markdown, write_metrics
 
 log = logging.getLogger("jaxmed.evaluate")
 
-# The study's six conditions (SEED.md "Metrics"), in the order the paper's tables use.
-SIX: tuple[str, ...] = ("Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "Pneumothorax",
-                        "Pleural Effusion")
-ALL = "all"
 FID_METHODS = ("auto", "sqrtm", "eigh")
 
 
@@ -87,7 +84,7 @@ class ImageSet:
 
 
 def read_image_set(path: str, root: str | None = None, *,
-                   label_columns: Sequence[str] = LABEL_COLUMNS) -> ImageSet:
+                   label_columns: Sequence[str] = LABELS) -> ImageSet:
     """A generated folder (its ``metadata.csv``) or a CheXpert-format CSV -> `ImageSet`.
 
     ``Path`` is relative to ``root`` (default: the folder / the CSV's folder). Rows with a
@@ -184,9 +181,9 @@ class Evaluator:
 
     def __init__(self, real: str | ImageSet, *, real_root: str | None = None,
                  domain_classifier=None, alignment_classifier=None, inception: bool = True,
-                 inception_weights: str | None = None, conditions: Sequence[str] = SIX,
+                 inception_weights: str | None = None, conditions: Sequence[str] = CONDITIONS,
                  vendi: bool = True, clip: str | None = None, fid_method: str = "auto",
-                 label_columns: Sequence[str] = LABEL_COLUMNS, batch_size: int = 64,
+                 label_columns: Sequence[str] = LABELS, batch_size: int = 64,
                  inception_batch_size: int = 50, progress: bool = True,
                  max_real: int | None = None):
         if fid_method not in FID_METHODS:
@@ -370,9 +367,9 @@ def _dedupe(items: Sequence[str]) -> list[str]:
 
 def evaluate(generated: str | ImageSet, real_test: str | ImageSet, *, real_root=None,
              domain_classifier=None, alignment_classifier=None, inception: bool = True,
-             inception_weights: str | None = None, conditions: Sequence[str] = SIX,
+             inception_weights: str | None = None, conditions: Sequence[str] = CONDITIONS,
              vendi: bool = True, clip: str | None = None, fid_method: str = "auto",
-             label_columns: Sequence[str] = LABEL_COLUMNS, out_dir: str | None = None,
+             label_columns: Sequence[str] = LABELS, out_dir: str | None = None,
              progress: bool = True, generated_root: str | None = None) -> dict:
     """Score generated images against real test images (see the module docstring).
 
@@ -392,7 +389,7 @@ def evaluate(generated: str | ImageSet, real_test: str | ImageSet, *, real_root=
 
 
 def train_judge(train_csv: str, *, root: str | None = None, valid_csv: str | None = None,
-                conditions: Sequence[str] = SIX, image_size: int = 64, epochs: int = 30,
+                conditions: Sequence[str] = CONDITIONS, image_size: int = 64, epochs: int = 30,
                 config=None, progress: bool = True):
     """A SmallCNN on the real images of ``train_csv`` (labels = ``conditions``), with the
     study's judge settings (class-balanced BCE so rare conditions are learned)."""
@@ -439,7 +436,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-inception", action="store_true", help="skip FID-Inception")
     ap.add_argument("--inception-weights", default=None,
                     help="FID Inception weights file (.pth / .pt / .safetensors)")
-    ap.add_argument("--conditions", default=",".join(SIX),
+    ap.add_argument("--conditions", default=",".join(CONDITIONS),
                     help="comma-separated conditions (default: the study's six)")
     ap.add_argument("--fid-method", default="auto", choices=FID_METHODS)
     ap.add_argument("--no-vendi", action="store_true")

@@ -48,8 +48,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from jaxmed.data.labels import ALL, CONDITIONS
 from jaxmed.eval import report
-from jaxmed.evaluate import ALL, SIX
 
 BASE = "base"
 FINETUNE_CONFIG = "configs/finetune.py"
@@ -63,7 +63,7 @@ class Study:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.t0 = time.perf_counter()
-        self.conditions = tuple(config.eval.conditions) or SIX
+        self.conditions = tuple(config.eval.conditions) or CONDITIONS
         self._sd = None
         self._evaluator = None
         self._arrays: dict[str, Any] = {}
