@@ -48,6 +48,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from jaxmed import files
 from jaxmed.data.labels import ALL, CONDITIONS
 from jaxmed.eval import report
 
@@ -554,7 +555,7 @@ def write_results(study: Study, results: dict[str, dict], real_rows: list[dict])
                                         "clip_score")]
         row += [tab.get(k) for k in regime_cols] + [real_tab.get(k) for k in real_cols]
         table.append(row)
-    csv_path = report.atomic_write(study.path("results.csv"), report.csv_text(headers, table))
+    csv_path = files.atomic_write(study.path("results.csv"), report.csv_text(headers, table))
 
     # ---- plots
     plots = {}
@@ -580,7 +581,7 @@ def write_results(study: Study, results: dict[str, dict], real_rows: list[dict])
     # ---- results.md
     md = _results_markdown(study, results, names, headers, table, conds, findings, fid_key,
                            fid_name, real_tab, fractions, strat_fracs, plots)
-    md_path = report.atomic_write(study.path("results.md"), md)
+    md_path = files.atomic_write(study.path("results.md"), md)
     report.write_json(study.path("results.json"), {"findings": findings, "headers": headers,
                                                    "rows": table})
     return {"csv": csv_path, "md": md_path, "plots": plots, "findings": findings}

@@ -2,8 +2,8 @@
 
 Everything here formats numbers that were computed elsewhere; nothing is recomputed. NaN /
 missing values are written as empty CSV cells, ``null`` in JSON and "—" in markdown.
-Files are written atomically (temporary file + rename), so a killed run never leaves a
-half-written result that looks finished.
+Files are written atomically (`jaxmed.files`: temporary file + rename), so a killed run
+never leaves a half-written result that looks finished.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from jaxmed import files
 
 DASH = "—"
 
@@ -66,18 +68,9 @@ def clean(x: Any) -> Any:
     return x
 
 
-def atomic_write(path: str, text: str | bytes) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    mode = "wb" if isinstance(text, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(text, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_json(path: str, obj: Any) -> str:
-    return atomic_write(path, json.dumps(clean(obj), indent=1, allow_nan=False) + "\n")
+    """``obj`` made JSON-safe (`clean`) and written atomically; NaN can never slip through."""
+    return files.write_json(path, clean(obj), indent=1, allow_nan=False)
 
 
 def read_json(path: str) -> Any:
@@ -151,8 +144,9 @@ def write_metrics(result: Mapping, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": write_json(os.path.join(out_dir, "metrics.json"), result)}
     rows = [[result["rows"][c].get(k) for k in COLUMNS] for c in result["conditions"]]
-    paths["csv"] = atomic_write(os.path.join(out_dir, "metrics.csv"), csv_text(COLUMNS, rows))
-    paths["md"] = atomic_write(os.path.join(out_dir, "metrics.md"), metrics_markdown(result))
+    paths["csv"] = files.atomic_write(os.path.join(out_dir, "metrics.csv"),
+                                      csv_text(COLUMNS, rows))
+    paths["md"] = files.atomic_write(os.path.join(out_dir, "metrics.md"), metrics_markdown(result))
     return paths
 
 
@@ -267,8 +261,4 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str, *,
             if pil.size != (t, t):
                 pil = pil.resize((t, t), Image.Resampling.BILINEAR)
             sheet.paste(pil, (left + j * t, top + i * t))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return files.save_image(sheet, path)
