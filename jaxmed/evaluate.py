@@ -49,10 +49,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from jaxmed.data import read_chexpert_csv
 from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import ALL, CONDITIONS, LABELS
+from jaxmed.eval import inception as inception_lib
+from jaxmed.eval.alignment import ClipScorer, classifier_alignment
+from jaxmed.eval.classifier import (
+    ClassifierConfig,
+    TrainedClassifier,
+    feature_dim,
+    train_classifier,
+)
+from jaxmed.eval.fid import RankDeficientWarning, fid_from_features
 from jaxmed.eval.report import COLUMNS, metrics_markdown, write_metrics
+from jaxmed.eval.vendi import vendi_score
+from jaxmed.logging_utils import progress as progress_bar
 
 log = logging.getLogger("jaxmed.evaluate")
 
@@ -92,8 +105,6 @@ def read_image_set(path: str, root: str | None = None, *,
     """
     import pandas as pd
 
-    from jaxmed.data import read_chexpert_csv
-
     csv_path = path
     if os.path.isdir(path):
         csv_path = os.path.join(path, "metadata.csv")
@@ -122,8 +133,6 @@ def read_image_set(path: str, root: str | None = None, *,
 def load_images(paths: Sequence[str], size: tuple[int, int] | None = None) -> np.ndarray:
     """(N, H, W, 3) uint8 RGB (grey files are replicated); resized (bilinear) to ``size``
     = (W, H) when given, else to the first image's size when sizes differ."""
-    from PIL import Image
-
     out = []
     for p in paths:
         try:
@@ -140,8 +149,6 @@ def load_images(paths: Sequence[str], size: tuple[int, int] | None = None) -> np
 
 
 def image_size_of(path: str) -> tuple[int, int]:
-    from PIL import Image
-
     with Image.open(path) as im:
         return im.size
 
@@ -157,8 +164,6 @@ def _describe_classifier(clf) -> dict:
 
 
 def _feature_dim(clf) -> int:
-    from jaxmed.eval.classifier import feature_dim
-
     return int(feature_dim(clf.config))
 
 
@@ -166,8 +171,6 @@ def _as_classifier(obj):
     if obj is None:
         return None
     if isinstance(obj, (str, os.PathLike)):
-        from jaxmed.eval.classifier import TrainedClassifier
-
         return TrainedClassifier.load(os.fspath(obj))
     return obj
 
@@ -211,9 +214,8 @@ class Evaluator:
         self.inception_message = ""
         if inception:
             try:
-                from jaxmed.eval.inception import InceptionFeatures
-
-                self.inception = InceptionFeatures(weights=inception_weights)
+                # looked up on the module at run time, so a test can stub the extractor
+                self.inception = inception_lib.InceptionFeatures(weights=inception_weights)
             except (FileNotFoundError, ImportError, OSError, ValueError) as e:
                 self.inception_message = f"FID-Inception not computed: {e}"
                 log.warning("%s", self.inception_message)
@@ -227,8 +229,6 @@ class Evaluator:
         self.clip = None
         self.clip_message = ""
         if clip:
-            from jaxmed.eval.alignment import ClipScorer
-
             self.clip = ClipScorer(clip)
         self._real_feats: dict | None = None
 
@@ -236,13 +236,11 @@ class Evaluator:
     def features(self, s: ImageSet, *, desc: str = "", captions: bool = False) -> dict:
         """Per-image features of an image set: 'domain', 'inception', 'judge' probabilities
         and 'clip' scores, as available. Images are read in chunks, never all at once."""
-        from jaxmed.logging_utils import progress
-
         n = len(s)
         size = image_size_of(s.paths[0])
         chunk = max(self.batch_size, self.inception_batch_size) * 4
         feats: dict[str, list] = {}
-        bar = progress(total=n, desc=desc or "features", enabled=self.progress, unit="img")
+        bar = progress_bar(total=n, desc=desc or "features", enabled=self.progress, unit="img")
         try:
             for a in range(0, n, chunk):
                 imgs = load_images(s.paths[a:a + chunk], size)
@@ -288,8 +286,6 @@ class Evaluator:
                     if note:
                         notes.append(f"{cond}, FID-{kind}: {note}")
             if self.vendi:
-                from jaxmed.eval.vendi import vendi_score
-
                 for kind in ("domain", "inception"):
                     if kind in gen_f and g.sum() >= 1:
                         row[f"vendi_{kind}"] = float(vendi_score(gen_f[kind][g], q=1))
@@ -300,8 +296,6 @@ class Evaluator:
             rows[cond] = row
         alignment = None
         if "judge" in gen_f:
-            from jaxmed.eval.alignment import classifier_alignment
-
             alignment = classifier_alignment(
                 self.judge, None, gen.labels, self.conditions,
                 label_columns=self.label_columns, probs=gen_f["judge"])
@@ -338,8 +332,6 @@ class Evaluator:
         return result
 
     def _fid(self, real: np.ndarray, gen: np.ndarray) -> tuple[float | None, str]:
-        from jaxmed.eval.fid import RankDeficientWarning, fid_from_features
-
         n1, n2, d = real.shape[0], gen.shape[0], real.shape[1]
         if n1 < 2 or n2 < 2:
             return None, f"too few images for a covariance (real {n1}, generated {n2}; need 2)"
@@ -393,8 +385,6 @@ def train_judge(train_csv: str, *, root: str | None = None, valid_csv: str | Non
                 config=None, progress: bool = True):
     """A SmallCNN on the real images of ``train_csv`` (labels = ``conditions``), with the
     study's judge settings (class-balanced BCE so rare conditions are learned)."""
-    from jaxmed.eval.classifier import ClassifierConfig, train_classifier
-
     def load(path):
         s = read_image_set(path, root, label_columns=conditions)
         y = np.nan_to_num(s.labels, nan=0.0)

@@ -14,7 +14,7 @@ from PIL import Image
 from jaxmed import evaluate as E
 from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import CONDITIONS, CSV_COLUMNS, LABELS
-from jaxmed.eval import report
+from jaxmed.eval import inception, report
 from jaxmed.eval.classifier import ClassifierConfig, TrainedClassifier, train_classifier
 
 SIZE = 32
@@ -144,8 +144,6 @@ def test_alignment_true_labels_high_shuffled_low(toy):
 
 
 def test_missing_inception_weights_is_a_message(toy, tmp_path, monkeypatch):
-    from jaxmed.eval import inception
-
     def missing(*a, **k):
         raise FileNotFoundError(inception._not_found_message(tmp_path / "x.safetensors",
                                                              ["test"]))
@@ -163,8 +161,6 @@ def test_missing_inception_weights_is_a_message(toy, tmp_path, monkeypatch):
 
 
 def test_inception_path_with_a_stub_extractor(toy, monkeypatch):
-    from jaxmed.eval import inception
-
     class Stub:  # 4-d "features": channel means and stds of a 2x2 pooled image
         def __init__(self, *a, **k):
             pass

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from jaxmed import files
 
@@ -237,8 +238,6 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str, *,
                row_labels: Sequence[str] | None = None,
                col_labels: Sequence[str] | None = None, tile: int | None = None) -> str:
     """A labelled grid of uint8 images (rows x cols, each (H, W[, C])) saved as PNG."""
-    from PIL import Image, ImageDraw
-
     first = next(im for r in rows for im in r if im is not None)
     t = int(tile or first.shape[0])
     left = 0 if not row_labels else max(60, 6 * max(len(s) for s in row_labels) + 8)
