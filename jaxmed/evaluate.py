@@ -32,7 +32,7 @@ FID is then biased upwards (it falls as N grows), so compare FIDs only at equal 
 study synthesises the same prompts and counts for every strategy, so its comparisons are
 paired. ``--fid-method auto`` (the default) uses pytorch-fid's ``sqrtm`` route when both
 sets have N > d and the exact ``eigh`` route otherwise (real-valued by construction, and
-milliseconds instead of a minute for a 2048^2 ``sqrtm``; the two agree to ~1e-6 relative,
+an N1 x N2 eigenproblem instead of a d x d ``sqrtm``; the two agree to ~1e-6 relative,
 see `jaxmed.eval.fid`). Images are streamed in chunks: only features stay in memory.
 """
 
