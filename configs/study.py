@@ -20,11 +20,13 @@ Presets:
   20 PNDM steps at guidance 7.5 instead of 5,000 from 50; a 64-px SmallCNN for the judge
   (30 epochs) and the downstream classifiers (200 optimizer steps each, best of 4
   validation checks); real fractions {1, 5, 25, 100}% for real only but only the scarcest,
-  1%, for real + synthetic; one repeat. Measured time: see ``DEMO_MEASURED``.
+  1%, for real + synthetic; one repeat. A measured run (wall time, results, the three
+  findings) is in the README, "What the demo shows".
 * ``paper`` -- the study's settings for accelerators: SD 1.5 (the hub folder
-  ``runwayml/stable-diffusion-v1-5`` or ``--config.model.path``), 512 px, the SEED.md
-  hyperparameters (101 epochs, gradient accumulation 4, the strategy's per-device batch,
-  the study's learning rates), PNDM 50 steps at guidance 7.5, 5,000 images per condition,
+  ``runwayml/stable-diffusion-v1-5`` or ``--config.model.path``), 512 px, the
+  hyperparameters of docs/STUDY.md "The 11 strategies and their hyperparameters" (101
+  epochs, gradient accumulation 4, the strategy's per-device batch, the study's learning
+  rates), PNDM 50 steps at guidance 7.5, 5,000 images per condition,
   the real fractions {1, 5, 10, 25, 50, 100}% for every mode, 3 repeats. Point
   ``data.kind=chexpert`` at the CheXpert CSVs (the phantom works too).
 * ``ci`` -- two strategies (lora, bitfit) + base on a random test-size model at 32 px with
@@ -38,10 +40,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxmed import strategies
-
-SIX = ("Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "Pneumothorax", "Pleural Effusion")
-
-DEMO_MEASURED = "not yet measured"
+from jaxmed.data.labels import CONDITIONS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -90,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.synth.grid_per_condition = 4
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.conditions = SIX
+    c.eval.conditions = CONDITIONS
     c.eval.inception = True  # FID-Inception where weights are found (else a message)
     c.eval.inception_weights = ""
     c.eval.clip = ""  # a transformers CLIP folder for a CLIPScore
@@ -139,14 +138,15 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.regimes.fractions = (0.01, 0.05, 0.25, 1.0)
         c.regimes.strategy_fractions = (0.01,)
     elif arg == "paper":
-        c.description = ("the study's settings: SD 1.5 at 512 px, SEED.md hyperparameters, "
+        c.description = ("the study's settings: SD 1.5 at 512 px, docs/STUDY.md hyperparameters, "
                          "PNDM 50 steps, 5,000 images per condition, all real fractions")
         c.model.path = "runwayml/stable-diffusion-v1-5"
         c.data.resolution = 512
         c.data.phantom_patients = 14300  # ~20,000 training films, as the study's subset
         c.finetune.epochs = 101
         c.finetune.grad_accum = 4
-        c.finetune.caption_dropout = 0.0  # the authors had none (a pitfall: see SEED.md)
+        # the authors had none (docs/STUDY.md "Known pitfalls worth not repeating")
+        c.finetune.caption_dropout = 0.0
         c.synth.per_condition = 5000
         c.synth.steps = 50
         c.synth.batch_size = 64

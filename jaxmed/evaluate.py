@@ -9,7 +9,7 @@ r"""Score a set of generated chest X-rays against real ones, per condition and o
 is a CheXpert-format CSV of real held-out images. Writes ``metrics.json``, ``metrics.csv``
 and ``metrics.md`` (one row per condition and one for all conditions).
 
-Metrics (SEED.md "Metrics"), for each of the study's six conditions (Cardiomegaly, Lung
+Metrics (docs/STUDY.md "Metrics"), for each of the study's six conditions (Cardiomegaly, Lung
 Opacity, Edema, No Finding, Pneumothorax, Pleural Effusion) -- real images with that label
 against generated images whose prompt carries it -- and over all images:
 
@@ -32,7 +32,7 @@ FID is then biased upwards (it falls as N grows), so compare FIDs only at equal 
 study synthesises the same prompts and counts for every strategy, so its comparisons are
 paired. ``--fid-method auto`` (the default) uses pytorch-fid's ``sqrtm`` route when both
 sets have N > d and the exact ``eigh`` route otherwise (real-valued by construction, and
-milliseconds instead of a minute for a 2048^2 ``sqrtm``; the two agree to ~1e-6 relative,
+an N1 x N2 eigenproblem instead of a d x d ``sqrtm``; the two agree to ~1e-6 relative,
 see `jaxmed.eval.fid`). Images are streamed in chunks: only features stay in memory.
 """
 
@@ -49,23 +49,27 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from jaxmed.data.captions import LABEL_COLUMNS, caption_from_labels
+from jaxmed.data import read_chexpert_csv
+from jaxmed.data.captions import caption_from_labels
+from jaxmed.data.labels import ALL, CONDITIONS, LABELS
+from jaxmed.eval import inception as inception_lib
+from jaxmed.eval.alignment import ClipScorer, classifier_alignment
+from jaxmed.eval.classifier import (
+    ClassifierConfig,
+    TrainedClassifier,
+    feature_dim,
+    train_classifier,
+)
+from jaxmed.eval.fid import RankDeficientWarning, fid_from_features
+from jaxmed.eval.report import COLUMNS, metrics_markdown, write_metrics
+from jaxmed.eval.vendi import vendi_score
+from jaxmed.logging_utils import progress as progress_bar
 
 log = logging.getLogger("jaxmed.evaluate")
 
-# The study's six conditions (SEED.md "Metrics"), in the order the paper's tables use.
-SIX: tuple[str, ...] = ("Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "Pneumothorax",
-                        "Pleural Effusion")
-ALL = "all"
 FID_METHODS = ("auto", "sqrtm", "eigh")
-
-# Columns of metrics.csv / the markdown table, in order (None values print as blanks / "—").
-COLUMNS: tuple[str, ...] = (
-    "condition", "n_generated", "n_real", "fid_inception", "fid_domain", "vendi_domain",
-    "vendi_domain_real", "vendi_inception", "align_auroc", "align_accuracy", "align_hit",
-    "clip_score",
-)
 
 
 # --------------------------------------------------------------------------------------
@@ -93,15 +97,13 @@ class ImageSet:
 
 
 def read_image_set(path: str, root: str | None = None, *,
-                   label_columns: Sequence[str] = LABEL_COLUMNS) -> ImageSet:
+                   label_columns: Sequence[str] = LABELS) -> ImageSet:
     """A generated folder (its ``metadata.csv``) or a CheXpert-format CSV -> `ImageSet`.
 
     ``Path`` is relative to ``root`` (default: the folder / the CSV's folder). Rows with a
     ``Frontal/Lateral`` column keep frontal images only; uncertain (-1) labels count as 0.
     """
     import pandas as pd
-
-    from jaxmed.data import read_chexpert_csv
 
     csv_path = path
     if os.path.isdir(path):
@@ -131,8 +133,6 @@ def read_image_set(path: str, root: str | None = None, *,
 def load_images(paths: Sequence[str], size: tuple[int, int] | None = None) -> np.ndarray:
     """(N, H, W, 3) uint8 RGB (grey files are replicated); resized (bilinear) to ``size``
     = (W, H) when given, else to the first image's size when sizes differ."""
-    from PIL import Image
-
     out = []
     for p in paths:
         try:
@@ -149,8 +149,6 @@ def load_images(paths: Sequence[str], size: tuple[int, int] | None = None) -> np
 
 
 def image_size_of(path: str) -> tuple[int, int]:
-    from PIL import Image
-
     with Image.open(path) as im:
         return im.size
 
@@ -166,8 +164,6 @@ def _describe_classifier(clf) -> dict:
 
 
 def _feature_dim(clf) -> int:
-    from jaxmed.eval.classifier import feature_dim
-
     return int(feature_dim(clf.config))
 
 
@@ -175,8 +171,6 @@ def _as_classifier(obj):
     if obj is None:
         return None
     if isinstance(obj, (str, os.PathLike)):
-        from jaxmed.eval.classifier import TrainedClassifier
-
         return TrainedClassifier.load(os.fspath(obj))
     return obj
 
@@ -190,9 +184,9 @@ class Evaluator:
 
     def __init__(self, real: str | ImageSet, *, real_root: str | None = None,
                  domain_classifier=None, alignment_classifier=None, inception: bool = True,
-                 inception_weights: str | None = None, conditions: Sequence[str] = SIX,
+                 inception_weights: str | None = None, conditions: Sequence[str] = CONDITIONS,
                  vendi: bool = True, clip: str | None = None, fid_method: str = "auto",
-                 label_columns: Sequence[str] = LABEL_COLUMNS, batch_size: int = 64,
+                 label_columns: Sequence[str] = LABELS, batch_size: int = 64,
                  inception_batch_size: int = 50, progress: bool = True,
                  max_real: int | None = None):
         if fid_method not in FID_METHODS:
@@ -220,9 +214,8 @@ class Evaluator:
         self.inception_message = ""
         if inception:
             try:
-                from jaxmed.eval.inception import InceptionFeatures
-
-                self.inception = InceptionFeatures(weights=inception_weights)
+                # looked up on the module at run time, so a test can stub the extractor
+                self.inception = inception_lib.InceptionFeatures(weights=inception_weights)
             except (FileNotFoundError, ImportError, OSError, ValueError) as e:
                 self.inception_message = f"FID-Inception not computed: {e}"
                 log.warning("%s", self.inception_message)
@@ -236,8 +229,6 @@ class Evaluator:
         self.clip = None
         self.clip_message = ""
         if clip:
-            from jaxmed.eval.alignment import ClipScorer
-
             self.clip = ClipScorer(clip)
         self._real_feats: dict | None = None
 
@@ -245,13 +236,11 @@ class Evaluator:
     def features(self, s: ImageSet, *, desc: str = "", captions: bool = False) -> dict:
         """Per-image features of an image set: 'domain', 'inception', 'judge' probabilities
         and 'clip' scores, as available. Images are read in chunks, never all at once."""
-        from jaxmed.logging_utils import progress
-
         n = len(s)
         size = image_size_of(s.paths[0])
         chunk = max(self.batch_size, self.inception_batch_size) * 4
         feats: dict[str, list] = {}
-        bar = progress(total=n, desc=desc or "features", enabled=self.progress, unit="img")
+        bar = progress_bar(total=n, desc=desc or "features", enabled=self.progress, unit="img")
         try:
             for a in range(0, n, chunk):
                 imgs = load_images(s.paths[a:a + chunk], size)
@@ -297,8 +286,6 @@ class Evaluator:
                     if note:
                         notes.append(f"{cond}, FID-{kind}: {note}")
             if self.vendi:
-                from jaxmed.eval.vendi import vendi_score
-
                 for kind in ("domain", "inception"):
                     if kind in gen_f and g.sum() >= 1:
                         row[f"vendi_{kind}"] = float(vendi_score(gen_f[kind][g], q=1))
@@ -309,8 +296,6 @@ class Evaluator:
             rows[cond] = row
         alignment = None
         if "judge" in gen_f:
-            from jaxmed.eval.alignment import classifier_alignment
-
             alignment = classifier_alignment(
                 self.judge, None, gen.labels, self.conditions,
                 label_columns=self.label_columns, probs=gen_f["judge"])
@@ -343,14 +328,10 @@ class Evaluator:
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if out_dir is not None:
-            from jaxmed.eval.report import write_metrics
-
             write_metrics(result, out_dir)
         return result
 
     def _fid(self, real: np.ndarray, gen: np.ndarray) -> tuple[float | None, str]:
-        from jaxmed.eval.fid import RankDeficientWarning, fid_from_features
-
         n1, n2, d = real.shape[0], gen.shape[0], real.shape[1]
         if n1 < 2 or n2 < 2:
             return None, f"too few images for a covariance (real {n1}, generated {n2}; need 2)"
@@ -378,9 +359,9 @@ def _dedupe(items: Sequence[str]) -> list[str]:
 
 def evaluate(generated: str | ImageSet, real_test: str | ImageSet, *, real_root=None,
              domain_classifier=None, alignment_classifier=None, inception: bool = True,
-             inception_weights: str | None = None, conditions: Sequence[str] = SIX,
+             inception_weights: str | None = None, conditions: Sequence[str] = CONDITIONS,
              vendi: bool = True, clip: str | None = None, fid_method: str = "auto",
-             label_columns: Sequence[str] = LABEL_COLUMNS, out_dir: str | None = None,
+             label_columns: Sequence[str] = LABELS, out_dir: str | None = None,
              progress: bool = True, generated_root: str | None = None) -> dict:
     """Score generated images against real test images (see the module docstring).
 
@@ -400,12 +381,10 @@ def evaluate(generated: str | ImageSet, real_test: str | ImageSet, *, real_root=
 
 
 def train_judge(train_csv: str, *, root: str | None = None, valid_csv: str | None = None,
-                conditions: Sequence[str] = SIX, image_size: int = 64, epochs: int = 30,
+                conditions: Sequence[str] = CONDITIONS, image_size: int = 64, epochs: int = 30,
                 config=None, progress: bool = True):
     """A SmallCNN on the real images of ``train_csv`` (labels = ``conditions``), with the
     study's judge settings (class-balanced BCE so rare conditions are learned)."""
-    from jaxmed.eval.classifier import ClassifierConfig, train_classifier
-
     def load(path):
         s = read_image_set(path, root, label_columns=conditions)
         y = np.nan_to_num(s.labels, nan=0.0)
@@ -447,7 +426,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-inception", action="store_true", help="skip FID-Inception")
     ap.add_argument("--inception-weights", default=None,
                     help="FID Inception weights file (.pth / .pt / .safetensors)")
-    ap.add_argument("--conditions", default=",".join(SIX),
+    ap.add_argument("--conditions", default=",".join(CONDITIONS),
                     help="comma-separated conditions (default: the study's six)")
     ap.add_argument("--fid-method", default="auto", choices=FID_METHODS)
     ap.add_argument("--no-vendi", action="store_true")
@@ -477,8 +456,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from jaxmed.eval.report import metrics_markdown
-
     print(metrics_markdown(result), flush=True)
     print(f"[jaxmed.evaluate] wrote {os.path.join(args.out, 'metrics.json')}, metrics.csv, "
           "metrics.md", flush=True)

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from jaxmed import evaluate as E
-from jaxmed.data.captions import LABEL_COLUMNS, caption_from_labels
+from jaxmed.data.captions import caption_from_labels
+from jaxmed.data.labels import CONDITIONS, CSV_COLUMNS, LABELS
+from jaxmed.eval import inception, report
 from jaxmed.eval.classifier import ClassifierConfig, TrainedClassifier, train_classifier
 
-SIX = E.SIX
 SIZE = 32
 
 
@@ -31,16 +32,16 @@ def toy_image(labels6: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def random_labels(n: int, rng) -> np.ndarray:
     y = (rng.random((n, 6)) < 0.35).astype(np.float32)
-    nf = SIX.index("No Finding")
+    nf = CONDITIONS.index("No Finding")
     y[:, nf] = (y.sum(1) == y[:, nf]) & (rng.random(n) < 0.5)  # No Finding alone
     return y
 
 
 def to_columns(y6: np.ndarray) -> np.ndarray:
-    """(N, 6) in SIX order -> (N, 8) in the study's label-column order."""
-    out = np.zeros((y6.shape[0], len(LABEL_COLUMNS)), np.float32)
-    for k, c in enumerate(SIX):
-        out[:, LABEL_COLUMNS.index(c)] = y6[:, k]
+    """(N, 6) in CONDITIONS order -> (N, 8) in the study's label-column order."""
+    out = np.zeros((y6.shape[0], len(LABELS)), np.float32)
+    for k, c in enumerate(CONDITIONS):
+        out[:, LABELS.index(c)] = y6[:, k]
     return out
 
 
@@ -50,7 +51,7 @@ def write_real_csv(root: str, name: str, y6: np.ndarray, seed: int) -> str:
     path = os.path.join(root, f"{name}.csv")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABEL_COLUMNS])
+        w.writerow(CSV_COLUMNS)
         for i, (lab6, lab8) in enumerate(zip(y6, to_columns(y6))):
             rel = f"{name}/{i:04d}.png"
             Image.fromarray(toy_image(lab6, rng)).save(os.path.join(root, rel))
@@ -65,7 +66,7 @@ def write_generated(folder: str, y6_images: np.ndarray, y6_prompts: np.ndarray,
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     with open(os.path.join(folder, "metadata.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["Path", *LABEL_COLUMNS, "caption", "image_id", "seed"])
+        w.writerow(["Path", *LABELS, "caption", "image_id", "seed"])
         for i, (li, lp) in enumerate(zip(y6_images, to_columns(y6_prompts))):
             rel = f"images/{i:06d}.png"
             im = Image.fromarray(toy_image(li, rng))
@@ -86,8 +87,8 @@ def toy(tmp_path_factory):
     y_test = random_labels(48, rng)
     real_test = write_real_csv(root, "test", y_test, seed=1)
     x = np.stack([toy_image(lab, rng) for lab in y_train])
-    cfg = ClassifierConfig(image_size=SIZE, num_labels=6, label_names=SIX, widths=(16, 32, 64),
-                           steps=200, batch_size=32, lr=1e-2, seed=0)
+    cfg = ClassifierConfig(image_size=SIZE, num_labels=6, label_names=CONDITIONS,
+                           widths=(16, 32, 64), steps=200, batch_size=32, lr=1e-2, seed=0)
     clf = train_classifier(cfg, x, y_train, progress=False)
     judge_dir = clf.save(os.path.join(root, "judge"))
     gen = balanced(5)
@@ -104,8 +105,8 @@ def test_files_and_counts(toy, tmp_path):
                      out_dir=out, progress=False)
     for f in ("metrics.json", "metrics.csv", "metrics.md"):
         assert os.path.isfile(os.path.join(out, f)), f
-    assert res["conditions"] == [*SIX, "all"]
-    for k, c in enumerate(SIX):
+    assert res["conditions"] == [*CONDITIONS, "all"]
+    for k, c in enumerate(CONDITIONS):
         row = res["rows"][c]
         assert row["n_generated"] == 5
         assert row["n_real"] == int(toy["y_test"][:, k].sum())
@@ -116,8 +117,8 @@ def test_files_and_counts(toy, tmp_path):
     assert res["rows"]["all"]["fid_inception"] is None
     with open(os.path.join(out, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert [r["condition"] for r in rows] == [*SIX, "all"]
-    assert list(rows[0]) == list(E.COLUMNS)
+    assert [r["condition"] for r in rows] == [*CONDITIONS, "all"]
+    assert list(rows[0]) == list(report.COLUMNS)
     assert rows[-1]["n_generated"] == "30"
     with open(os.path.join(out, "metrics.json")) as f:
         js = json.load(f)  # strict JSON: NaN written as null
@@ -143,8 +144,6 @@ def test_alignment_true_labels_high_shuffled_low(toy):
 
 
 def test_missing_inception_weights_is_a_message(toy, tmp_path, monkeypatch):
-    from jaxmed.eval import inception
-
     def missing(*a, **k):
         raise FileNotFoundError(inception._not_found_message(tmp_path / "x.safetensors",
                                                              ["test"]))
@@ -162,8 +161,6 @@ def test_missing_inception_weights_is_a_message(toy, tmp_path, monkeypatch):
 
 
 def test_inception_path_with_a_stub_extractor(toy, monkeypatch):
-    from jaxmed.eval import inception
-
     class Stub:  # 4-d "features": channel means and stds of a 2x2 pooled image
         def __init__(self, *a, **k):
             pass

@@ -14,8 +14,8 @@ symmetric PSD ``G G^T`` (or ``G^T G``), ``G = F1 F2^T``, so ``tr sqrt(S1 S2)`` i
 the square roots of its ``eigvalsh``. ``F_i`` is the centred features / sqrt(N - 1) when
 N <= d (no d x d matrix is formed: the eigenproblem is N1 x N2-sized) and the Cholesky
 factor of ``S_i`` otherwise (an ``eigh`` factor if ``S_i`` is singular). It is real by
-construction and several times faster than ``sqrtm`` (a 2048^2 ``sqrtm`` takes about a
-minute on a small CPU; with N <= d the ``eigh`` route takes milliseconds). The two agree to
+construction and cheaper than ``sqrtm``, which always works on a d x d matrix; with
+N <= d the ``eigh`` route's eigenproblem is only N1 x N2. The two agree to
 ~1e-9 relative for well-conditioned covariances and ~1e-6 for rank-deficient ones, where
 ``sqrtm`` itself is noisy. pytorch-fid's route stays the default, for comparability.
 

@@ -2,8 +2,8 @@
 
 Everything here formats numbers that were computed elsewhere; nothing is recomputed. NaN /
 missing values are written as empty CSV cells, ``null`` in JSON and "—" in markdown.
-Files are written atomically (temporary file + rename), so a killed run never leaves a
-half-written result that looks finished.
+Files are written atomically (`jaxmed.files`: temporary file + rename), so a killed run
+never leaves a half-written result that looks finished.
 """
 
 from __future__ import annotations
@@ -17,8 +17,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
+
+from jaxmed import files
 
 DASH = "—"
+
+# Columns of metrics.csv / the markdown table of one evaluation (`jaxmed.evaluate` fills a
+# row per condition with these keys), in order; None values print as blanks / "—".
+COLUMNS: tuple[str, ...] = (
+    "condition", "n_generated", "n_real", "fid_inception", "fid_domain", "vendi_domain",
+    "vendi_domain_real", "vendi_inception", "align_auroc", "align_accuracy", "align_hit",
+    "clip_score",
+)
 
 COLUMN_TITLES = {
     "condition": "condition",
@@ -58,18 +69,9 @@ def clean(x: Any) -> Any:
     return x
 
 
-def atomic_write(path: str, text: str | bytes) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    mode = "wb" if isinstance(text, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(text, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_json(path: str, obj: Any) -> str:
-    return atomic_write(path, json.dumps(clean(obj), indent=1, allow_nan=False) + "\n")
+    """``obj`` made JSON-safe (`clean`) and written atomically; NaN can never slip through."""
+    return files.write_json(path, clean(obj), indent=1, allow_nan=False)
 
 
 def read_json(path: str) -> Any:
@@ -117,8 +119,6 @@ def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _metric_columns(result: Mapping) -> list[str]:
-    from jaxmed.evaluate import COLUMNS
-
     present = set()
     for row in result["rows"].values():
         present.update(k for k, v in row.items() if v is not None)
@@ -143,12 +143,11 @@ def metrics_markdown(result: Mapping) -> str:
 def write_metrics(result: Mapping, out_dir: str) -> dict:
     """metrics.json (everything), metrics.csv (a row per condition + all), metrics.md."""
     os.makedirs(out_dir, exist_ok=True)
-    from jaxmed.evaluate import COLUMNS
-
     paths = {"json": write_json(os.path.join(out_dir, "metrics.json"), result)}
     rows = [[result["rows"][c].get(k) for k in COLUMNS] for c in result["conditions"]]
-    paths["csv"] = atomic_write(os.path.join(out_dir, "metrics.csv"), csv_text(COLUMNS, rows))
-    paths["md"] = atomic_write(os.path.join(out_dir, "metrics.md"), metrics_markdown(result))
+    paths["csv"] = files.atomic_write(os.path.join(out_dir, "metrics.csv"),
+                                      csv_text(COLUMNS, rows))
+    paths["md"] = files.atomic_write(os.path.join(out_dir, "metrics.md"), metrics_markdown(result))
     return paths
 
 
@@ -239,8 +238,6 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str, *,
                row_labels: Sequence[str] | None = None,
                col_labels: Sequence[str] | None = None, tile: int | None = None) -> str:
     """A labelled grid of uint8 images (rows x cols, each (H, W[, C])) saved as PNG."""
-    from PIL import Image, ImageDraw
-
     first = next(im for r in rows for im in r if im is not None)
     t = int(tile or first.shape[0])
     left = 0 if not row_labels else max(60, 6 * max(len(s) for s in row_labels) + 8)
@@ -263,8 +260,4 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str, *,
             if pil.size != (t, t):
                 pil = pil.resize((t, t), Image.Resampling.BILINEAR)
             sheet.paste(pil, (left + j * t, top + i * t))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return files.save_image(sheet, path)
