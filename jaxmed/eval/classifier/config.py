@@ -9,19 +9,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxmed.data.labels import LABELS
 from jaxmed.eval.classifier.networks import DenseNet121, ResNet50, SmallCNN
 
-# The study's label columns, in CSV order (SEED.md, "Data").
-CHEXPERT_LABELS: tuple[str, ...] = (
-    "No Finding",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Edema",
-    "Pneumonia",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Support Devices",
-)
 ARCHS = ("small_cnn", "resnet50", "densenet121")
 
 
@@ -105,8 +95,8 @@ class ClassifierConfig:
     def labels(self) -> tuple[str, ...]:
         if self.label_names is not None:
             return self.label_names
-        if self.num_labels == len(CHEXPERT_LABELS):
-            return CHEXPERT_LABELS
+        if self.num_labels == len(LABELS):
+            return LABELS
         return tuple(f"label_{k}" for k in range(self.num_labels))
 
     @property
