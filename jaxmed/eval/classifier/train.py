@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from jaxmed.eval import metrics as M
 from jaxmed.eval.classifier.config import ClassifierConfig, build_model
@@ -207,20 +208,14 @@ def train_classifier(config: ClassifierConfig, train_images, train_labels, val_i
     best = None  # (score, step, params, batch_stats)
     since_best = 0
     losses: list[jax.Array] = []
-    try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=f"train {config.arch}", disable=not progress, leave=False)
-    except ImportError:  # pragma: no cover
-        bar = None
+    bar = tqdm(total=total, desc=f"train {config.arch}", disable=not progress, leave=False)
     try:
         for it in range(total):
             idx = next(batches)
             lr = jnp.float32(_lr_at(config, it, total))
             state, loss = step_fn(state, x[idx], y[idx], pw, lr, aug_key)
             losses.append(loss)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             last = it == total - 1
             if (it + 1) % eval_every == 0 or last:
                 row = {"step": it + 1, "train_loss": float(np.mean(jax.device_get(losses)))}
@@ -241,13 +236,11 @@ def train_classifier(config: ClassifierConfig, train_images, train_labels, val_i
                     else:
                         since_best += 1
                 history.append(row)
-                if bar is not None:
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k != "step"})
+                bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k != "step"})
                 if has_val and config.patience and since_best >= config.patience:
                     break
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     if best is not None:
         params, stats, best_step = best[2], best[3], best[1]

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import load_file
 
 _LEGACY_DENSE = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
@@ -119,8 +120,6 @@ def _read_state_dict(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"init_from: {path} does not exist")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
         return load_file(path)
     import torch
 
