@@ -201,7 +201,7 @@ def test_standard_architectures(arch, model, count, dim):
     assert feats.shape == (2, dim)
     cfg = C.ClassifierConfig(arch=arch, image_size=64, num_labels=5)
     assert C.feature_dim(cfg) == dim
-    # the full train step traces (XLA compiling it takes ~30-60 s on CPU: see the slow test)
+    # the full train step traces (compiling it is slow on CPU: the slow test does that)
     model5 = C.build_model(cfg)
     v5 = C.abstract_variables(model5)
     tx = CT._optimizer(cfg)

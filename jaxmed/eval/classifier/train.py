@@ -121,7 +121,7 @@ def prng_key(seed: int) -> jax.Array:
     """The classifier's random key: XLA's RngBitGenerator ("rbg"), not threefry.
 
     Initialising a network draws one random tensor per parameter; with threefry each is an
-    unrolled hash that XLA:CPU takes seconds to compile (2-3x the whole init with rbg).
+    unrolled hash that XLA:CPU is slow to compile, so the init compiles much faster with rbg.
     rbg streams are reproducible on one backend, not bit-identical across CPU / GPU / TPU.
     """
     return jax.random.key(int(seed), impl="rbg")
