@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -35,6 +34,7 @@ from jaxmed.eval.inception.convert import (
     params_from_pytorch_fid,
     pytorch_fid_from_torchscript,
 )
+from jaxmed.files import atomic_path
 
 PTH_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = (
@@ -60,15 +60,8 @@ def save_params(params: Mapping, path: str | os.PathLike, *, source: str = "") -
             for k, v in _flatten(nn.meta.unbox(tree)).items()}
     _check_flat(flat, "params to save")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(flat, tmp, metadata={"format": CACHE_FORMAT, "source": str(source)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -159,17 +152,10 @@ def torch_hub_pth_path() -> Path:
 def _download_pth(dest: Path, timeout: float = 60.0) -> Path:
     import urllib.request
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=timeout) as r, open(tmp, "wb") as f:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 
