@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxmed.eval.inception.network import FEATURE_DIM, INPUT_SIZE, Dtype, FIDInceptionV3
 from jaxmed.eval.inception.preprocess import (
@@ -87,8 +88,6 @@ class InceptionFeatures:
             progress = n >= 1000
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=n, unit="img", desc="Inception features")
         outs = []
         try:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from PIL import Image
 
 from jaxmed.eval.inception.network import INPUT_SIZE
 
@@ -60,8 +61,6 @@ def resize_clean(images: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     ``images``: (N, H, W, C) uint8 (or float already on the 0..255 scale); returns float32
     (N, size, size, C) on the 0..255 scale.
     """
-    from PIL import Image
-
     images = np.asarray(images)
     n, _, _, c = images.shape
     out = np.empty((n, size, size, c), np.float32)

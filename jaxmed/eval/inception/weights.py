@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import urllib.request
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import flax.linen as nn
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxmed.eval.inception.convert import (
     _check_flat,
@@ -53,8 +56,6 @@ def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def save_params(params: Mapping, path: str | os.PathLike, *, source: str = "") -> Path:
     """Write the converted params as safetensors (atomically: a temp file, then rename)."""
-    from safetensors.numpy import save_file
-
     tree = params.get("params", params)
     flat = {".".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
             for k, v in _flatten(nn.meta.unbox(tree)).items()}
@@ -75,8 +76,6 @@ def read_params(path: str | os.PathLike) -> dict:
         with np.load(path) as z:
             flat = {k: z[k] for k in z.files}
     else:
-        from safetensors import safe_open
-
         flat = {}
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}
@@ -150,8 +149,6 @@ def torch_hub_pth_path() -> Path:
 
 
 def _download_pth(dest: Path, timeout: float = 60.0) -> Path:
-    import urllib.request
-
     with atomic_path(dest) as tmp:
         with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=timeout) as r, open(tmp, "wb") as f:
             while chunk := r.read(1 << 20):
