@@ -10,6 +10,7 @@ import pytest
 
 from jaxmed.eval import classifier as C
 from jaxmed.eval import metrics as M
+from jaxmed.eval.classifier import train as CT
 
 # ---------------------------------------------------------------------------- metrics
 
@@ -200,13 +201,13 @@ def test_standard_architectures(arch, model, count, dim):
     assert feats.shape == (2, dim)
     cfg = C.ClassifierConfig(arch=arch, image_size=64, num_labels=5)
     assert C.feature_dim(cfg) == dim
-    # the full train step traces (XLA compiling it takes ~30-60 s on CPU: see the slow test)
+    # the full train step traces (compiling it is slow on CPU: the slow test does that)
     model5 = C.build_model(cfg)
     v5 = C.abstract_variables(model5)
-    tx = C._optimizer(cfg)
+    tx = CT._optimizer(cfg)
     state = {"step": jnp.zeros((), jnp.int32), "params": v5["params"],
              "batch_stats": v5["batch_stats"], "opt_state": jax.eval_shape(tx.init, v5["params"])}
-    step = C._train_step_fn(C._step_key(cfg))
+    step = CT._train_step_fn(CT._step_key(cfg))
     args = (state, jax.ShapeDtypeStruct((2, 64, 64, 1), jnp.uint8),
             jax.ShapeDtypeStruct((2, 5), jnp.float32), jnp.ones(5), jnp.float32(1e-3),
             C.prng_key(0))

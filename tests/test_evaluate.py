@@ -16,6 +16,7 @@ from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import CONDITIONS, CSV_COLUMNS, LABELS
 from jaxmed.eval import inception, report
 from jaxmed.eval.classifier import ClassifierConfig, TrainedClassifier, train_classifier
+from jaxmed.eval.inception import extractor, weights
 
 SIZE = 32
 
@@ -145,10 +146,10 @@ def test_alignment_true_labels_high_shuffled_low(toy):
 
 def test_missing_inception_weights_is_a_message(toy, tmp_path, monkeypatch):
     def missing(*a, **k):
-        raise FileNotFoundError(inception._not_found_message(tmp_path / "x.safetensors",
-                                                             ["test"]))
+        raise FileNotFoundError(weights._not_found_message(tmp_path / "x.safetensors",
+                                                           ["test"]))
 
-    monkeypatch.setattr(inception, "load_inception_params", missing)
+    monkeypatch.setattr(extractor, "load_inception_params", missing)
     out = str(tmp_path / "eval")
     res = E.evaluate(toy["true"], toy["real"], domain_classifier=toy["judge_dir"],
                      inception=True, out_dir=out, progress=False)

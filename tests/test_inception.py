@@ -16,6 +16,7 @@ from scipy import linalg
 
 from jaxmed.eval import fid as F
 from jaxmed.eval import inception as inc
+from jaxmed.eval.inception import preprocess, weights
 
 BATCH = 8
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins",
@@ -214,8 +215,8 @@ def test_clean_resize_equals_pil_bicubic():
 def test_grayscale_is_repeated_to_three_channels():
     g = np.random.default_rng(2).integers(0, 256, (2, 40, 50), dtype=np.uint8)
     rgb = np.repeat(g[..., None], 3, axis=-1)
-    a = np.asarray(inc._normalize_bilinear(jax.numpy.asarray(g[..., None])))
-    b = np.asarray(inc._normalize_bilinear(jax.numpy.asarray(rgb)))
+    a = np.asarray(preprocess._normalize_bilinear(jax.numpy.asarray(g[..., None])))
+    b = np.asarray(preprocess._normalize_bilinear(jax.numpy.asarray(rgb)))
     np.testing.assert_array_equal(a, b)
     assert a.shape == (2, 299, 299, 3) and a.min() >= -1 and a.max() <= 1
 
@@ -292,7 +293,7 @@ def test_cache_is_written_then_read_without_torch(isolated, params, monkeypatch)
     def no_wheel():
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(inc, "wheel_torchscript_path", no_wheel)
+    monkeypatch.setattr(weights, "wheel_torchscript_path", no_wheel)
     second = inc.load_inception_params()
     _assert_same_params(second, params)
     with pytest.raises(ImportError):
@@ -314,7 +315,7 @@ def test_named_pytorch_fid_pth_loads_same_params(isolated, params, torch):
 
 
 def test_no_source_lists_the_three_ways(isolated, monkeypatch):
-    monkeypatch.setattr(inc, "wheel_torchscript_path", lambda: None)
+    monkeypatch.setattr(weights, "wheel_torchscript_path", lambda: None)
     with pytest.raises(FileNotFoundError) as e:
         inc.load_inception_params(download=False)
     msg = str(e.value)
