@@ -96,8 +96,8 @@ _LOADINGS: dict[str, tuple[float, float]] = {
     "Support Devices": (0.10, 0.70),
 }
 
-ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "assets", "phantom")
+ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "assets", "phantom")
 MU_W = 0.0205  # 1/mm, water at the film's effective energy (as in the asset script)
 _FOV_MM = 325.0  # width of the base field of view, mm
 
