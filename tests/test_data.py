@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from jaxmed.data import (
-    LABEL_COLUMNS,
     NORMAL_CAPTION,
     BadImageError,
     Batches,
@@ -22,11 +21,12 @@ from jaxmed.data import (
     read_image_folder,
     read_records,
 )
+from jaxmed.data.labels import CSV_COLUMNS, LABELS
 from jaxmed.data.tfds import read_tfds_chexpert, tfds_labels_to_study
 
 RES = 32
-HEADER = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(LABEL_COLUMNS)
-# (view, labels in LABEL_COLUMNS order) per CSV row; rows 3 and 7 are lateral.
+HEADER = ",".join(CSV_COLUMNS)
+# (view, labels in LABELS order) per CSV row; rows 3 and 7 are lateral.
 ROWS = [
     ("Frontal", [1, 0, 0, 0, 0, 0, 0, 0]),
     ("Frontal", [0, 1, 0, 1, 0, 0, 0, 0]),
@@ -98,7 +98,7 @@ def _batches(records, batch_size=4, **kw):
 def test_caption_rule_exact_strings():
     assert caption_from_labels([0] * 8) == NORMAL_CAPTION
     assert NORMAL_CAPTION == "Normal chest X-ray with no significant findings"
-    # No Finding is a label column like the others (SEED.md, read literally).
+    # No Finding is a label column like the others (docs/STUDY.md "Data", read literally).
     assert caption_from_labels([1, 0, 0, 0, 0, 0, 0, 0]) == "Chest X-ray showing No Finding"
     assert (caption_from_labels([0, 1, 0, 1, 0, 0, 0, 0])
             == "Chest X-ray showing Cardiomegaly, Edema")
@@ -380,7 +380,7 @@ def test_folder_csv_and_image_folder(dataset, tmp_path):
     b = _batches(r, 2, return_captions=True, shuffle=False).batch_at(0, 0)
     assert b["caption"] == ["a lung", "a, heart"] and b["image"].shape == (2, RES, RES, 3)
     (tmp_path / "labs.csv").write_text(
-        "path," + ",".join(LABEL_COLUMNS) + f"\n{p0},0,1,0,0,0,0,0,0\n{p1},0,0,0,0,0,0,0,0\n")
+        "path," + ",".join(LABELS) + f"\n{p0},0,1,0,0,0,0,0,0\n{p1},0,0,0,0,0,0,0,0\n")
     r = read_folder_csv(str(tmp_path / "labs.csv"), str(root))
     b = _batches(r, 2, return_captions=True, shuffle=False).batch_at(0, 0)
     assert b["caption"] == ["Chest X-ray showing Cardiomegaly", NORMAL_CAPTION]

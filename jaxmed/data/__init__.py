@@ -10,7 +10,6 @@ Readers produce `Records` (paths, labels, CSV rows; no pixels):
 """
 
 from jaxmed.data.captions import (
-    LABEL_COLUMNS,
     NORMAL_CAPTION,
     Captioner,
     all_caption_variants,
@@ -43,7 +42,6 @@ def read_records(kind: str, *args, **kwargs) -> Records:
 
 
 __all__ = [
-    "LABEL_COLUMNS",
     "NORMAL_CAPTION",
     "READERS",
     "BadImageError",

@@ -35,16 +35,16 @@ PATHOLOGIES: tuple[str, ...] = LABELS[1:7]
 # v1.0 train.csv (No Finding ~9%, Cardiomegaly ~12%, Lung Opacity ~47%, Edema ~24%,
 # Pneumonia ~3%, Pneumothorax ~9%, Pleural Effusion ~39%, Support Devices ~52%).
 # They could not be re-counted offline here; change them if you have the CSV.
-PREVALENCE: dict[str, float] = {
-    "No Finding": 0.09,
-    "Cardiomegaly": 0.12,
-    "Lung Opacity": 0.47,
-    "Edema": 0.24,
-    "Pneumonia": 0.027,
-    "Pneumothorax": 0.087,
-    "Pleural Effusion": 0.39,
-    "Support Devices": 0.52,
-}
+PREVALENCE: dict[str, float] = dict(zip(LABELS, (
+    0.09,  # No Finding
+    0.12,  # Cardiomegaly
+    0.47,  # Lung Opacity
+    0.24,  # Edema
+    0.027,  # Pneumonia
+    0.087,  # Pneumothorax
+    0.39,  # Pleural Effusion
+    0.52,  # Support Devices
+), strict=True))
 # Label co-occurrence: a two-factor Gaussian copula. Factor 1 ~ "heart failure" (links
 # Cardiomegaly, Edema, Effusion), factor 2 ~ "inpatient / ICU" (links devices with edema,
 # effusion, opacity and pneumothorax). Marginals are exact whatever the loadings.
@@ -249,11 +249,8 @@ def contact_sheet(path: str | None = None, resolution: int = 256, seed: int = 3,
     st = streams(seed)
     pt = patient or sample_patient(st["patient"])
     study = sample_study(st["study"], view=view)
-    panels = [("No Finding", ["No Finding"]), ("Cardiomegaly", ["Cardiomegaly"]),
-              ("Lung Opacity", ["Lung Opacity"]), ("Edema", ["Edema"]),
-              ("Pneumonia (+ Lung Opacity)", ["Pneumonia", "Lung Opacity"]),
-              ("Pneumothorax", ["Pneumothorax"]), ("Pleural Effusion", ["Pleural Effusion"]),
-              ("Support Devices", ["Support Devices"])]
+    panels = [("Pneumonia (+ Lung Opacity)", ["Pneumonia", "Lung Opacity"])
+              if k == "Pneumonia" else (k, [k]) for k in LABELS]
     n = int(resolution)
     cols = 4
     rows_ = (len(panels) + cols - 1) // cols
