@@ -8,9 +8,10 @@ r"""Fine-tune Stable Diffusion with one strategy of the registry.
 The argument is a strategy name (``python -m jaxmed.inspect --list`` prints them):
 unet, text, vae, unet+text, unet+vae, vae+text, unet+vae+text, lora, dora, bitfit, difffit
 (the study's 11) and difffit-orig, svdiff, attn. The defaults are the study's
-hyperparameters (SEED.md): AdamW (0.9, 0.999), weight decay 1e-2, eps 1e-8, constant lr per
-component, gradient clipping 1.0, gradient accumulation 4, 101 epochs, a checkpoint every 5
-epochs. Strategy options live under ``config.strategy`` (e.g. ``--config.strategy.rank=4``).
+hyperparameters (docs/STUDY.md "The 11 strategies and their hyperparameters"): AdamW
+(0.9, 0.999), weight decay 1e-2, eps 1e-8, constant lr per component, gradient clipping
+1.0, gradient accumulation 4, 101 epochs, a checkpoint every 5 epochs. Strategy options
+live under ``config.strategy`` (e.g. ``--config.strategy.rank=4``).
 An optional second part picks the model: ``finetune.py:lora,sd15`` uses the SD 1.5 hub folder
 at 512 px; the default is jaxmed's tiny foundation model at 128 px (runs on a laptop CPU).
 """
@@ -21,9 +22,6 @@ import ml_collections
 
 from jaxmed import strategies
 from jaxmed.strategies.full import STUDY_FULL
-
-LABELS = ("No Finding", "Cardiomegaly", "Lung Opacity", "Edema", "Pneumonia", "Pneumothorax",
-          "Pleural Effusion", "Support Devices")
 
 VALIDATION_PROMPTS = (
     "Chest X-ray showing Cardiomegaly",
@@ -111,7 +109,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.per_device_batch = 0  # 0 = the strategy's study default (4 or 8)
     c.train.epochs = 101
     c.train.max_steps = -1  # > 0 overrides epochs (optimizer steps)
-    c.train.vae_loss_weight = 1.0  # reconstruction term when the VAE trains (SEED.md)
+    # the reconstruction term when the VAE trains (docs/STUDY.md "The 11 strategies and
+    # their hyperparameters")
+    c.train.vae_loss_weight = 1.0
     c.train.ema_decay = 0.0  # > 0 keeps an EMA of the trainable params, exported instead
     c.train.noise_offset = 0.0
     c.train.objective = "diffusion"  # diffusion | autoencoder (VAE pretraining)

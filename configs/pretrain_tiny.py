@@ -31,11 +31,8 @@ strategy ``unet+text`` on stage 1b's export: UNet (64, 128, 128) lr 1e-3, CLIP t
 dropout 0.1, EMA 0.998 (exported); the VAE is frozen so latents come from the cache (one
 encode per corpus image). Sample grids of `PROMPTS` land in ROOT/unet/samples.
 
-Measured on the shared, contended 2-core CPU of the development machine (jax 0.10.2, with
-the train step's gradient-accumulation loop unrolled -- see launch/pretrain_tiny.py):
-corpus 6000 images 1.3 min; stage 1 43.5 min (1.1-1.8 s/step, final loss 0.019);
-stage 1b 12.4 min (2.5 s/step, final loss 0.013); scaling factor 0.7 min; stage 2
-30.1 min (0.6-1.1 s/step, final loss 0.068); install 0.2 min. Total about 88 minutes.
+Each stage's wall-clock time and final loss are recorded in ROOT/timings.json and in the
+installed model's README (``jaxmed/assets/tiny-sd/README.md``).
 
 An optional second part moves the run folder: ``pretrain_tiny.py:unet,/tmp/pt`` reads the
 corpus from /tmp/pt/corpus and stage 1b from /tmp/pt/vae-hr/export.

@@ -21,6 +21,7 @@ with its local devices (no cross-host traffic).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmed.data.chexpert import BadImageError
+from jaxmed.files import atomic_path, write_json
+from jaxmed.logging_utils import progress as bar
 from jaxmed.strategies.base import flatten
 
 log = logging.getLogger("jaxmed.cache")
@@ -92,10 +96,7 @@ def _stale_reason(meta: dict | None, want: dict) -> str | None:
 
 
 def _write_meta(folder: str, meta: dict) -> None:
-    tmp = os.path.join(folder, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(folder, "meta.json"))
+    write_json(os.path.join(folder, "meta.json"), meta, indent=1)
 
 
 class LatentCache:
@@ -144,9 +145,6 @@ class LatentCache:
         images (the VAE encoder with its weights bound), run jitted and sharded over
         ``devices`` (default: this process's local devices).
         """
-        from jaxmed.data.chexpert import BadImageError
-        from jaxmed.logging_utils import progress as bar
-
         folder = _folder_for(cache_dir, "latents", records.source)
         want = {"format": FORMAT, "records": records_hash(records), "resolution": resolution,
                 "resample": resample, "encoder": encoder_hash}
@@ -166,9 +164,6 @@ class LatentCache:
         n = len(records)
         shape = jax.eval_shape(encode, jax.ShapeDtypeStruct(
             (bs, resolution, resolution, 3), jnp.float32))[0].shape[1:]
-        files = {k: os.path.join(folder, f"{k}.npy.tmp") for k in ("mean", "logvar")}
-        arrays = {k: np.lib.format.open_memmap(p, mode="w+", dtype=np.float32,
-                                               shape=(n, *shape)) for k, p in files.items()}
         valid = np.ones(n, bool)
 
         def load(i):
@@ -182,7 +177,11 @@ class LatentCache:
                 return np.zeros((resolution, resolution, 3), np.float32)
 
         pb = bar(total=n, desc="encoding latents (once)", enabled=progress, unit="img")
-        with ThreadPoolExecutor(workers) as pool:
+        # Both arrays are renamed into place when the with-block ends, after their last write.
+        with contextlib.ExitStack() as files, ThreadPoolExecutor(workers) as pool:
+            arrays = {k: np.lib.format.open_memmap(
+                files.enter_context(atomic_path(os.path.join(folder, f"{k}.npy"))), mode="w+",
+                dtype=np.float32, shape=(n, *shape)) for k in ("mean", "logvar")}
             for start in range(0, n, bs):
                 idx = list(range(start, min(start + bs, n)))
                 imgs = np.stack(list(pool.map(load, idx)))
@@ -193,11 +192,10 @@ class LatentCache:
                 arrays["mean"][start:start + len(idx)] = np.asarray(mean)[:len(idx)]
                 arrays["logvar"][start:start + len(idx)] = np.asarray(logvar)[:len(idx)]
                 pb.update(len(idx))
+            for a in arrays.values():
+                a.flush()
+            del arrays
         pb.close()
-        for k, a in arrays.items():
-            a.flush()
-            del a
-            os.replace(files[k], os.path.join(folder, f"{k}.npy"))
         np.save(os.path.join(folder, "valid.npy"), valid)
         _write_meta(folder, {**want, "count": n, "shape": list(shape),
                              "skipped": int((~valid).sum())})
@@ -260,9 +258,8 @@ class TextCache:
                 ids = np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)])
             out.append(np.asarray(fn(ids))[:len(chunk)])
         context = np.concatenate(out).astype(np.float32)
-        tmp = os.path.join(folder, "context.tmp.npy")
-        np.save(tmp, context)
-        os.replace(tmp, os.path.join(folder, "context.npy"))
+        with atomic_path(os.path.join(folder, "context.npy")) as tmp:
+            np.save(tmp, context)
         _write_meta(folder, {**want, "caption_list": captions, "shape": list(context.shape)})
         log.info("text cache: wrote %d caption embeddings to %s", len(captions), folder)
         return cls(folder)

@@ -36,6 +36,7 @@ from flax import struct
 from jaxmed import schedulers, sharding
 from jaxmed import strategies as strategies_lib
 from jaxmed.checkpoint import Checkpointer, abstract_like
+from jaxmed.data import build_records
 from jaxmed.models.sd import StableDiffusion
 from jaxmed.optim import Optimizer, make_optimizer
 from jaxmed.strategies.base import Strategy
@@ -232,49 +233,6 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
         return new_state, metrics
 
     return step
-
-
-# ---------------------------------------------------------------------------------------
-# Data
-
-
-def build_records(config: ml_collections.ConfigDict, workdir: str, split: str = "train"):
-    """The configured dataset's `Records` for ``split`` ('train' | 'valid' | 'test')."""
-    from jaxmed import data as data_lib
-
-    d = config.data
-    max_records = d.max_images if d.max_images and d.max_images > 0 else None
-    rewrite = ()
-    if d.path_rewrite:
-        if "=>" not in d.path_rewrite:
-            raise ValueError(f"data.path_rewrite={d.path_rewrite!r}: write it as 'old=>new'")
-        rewrite = tuple(d.path_rewrite.split("=>", 1))
-    if d.kind == "phantom":
-        from jaxmed.data import phantom
-
-        folder = d.phantom_dir or os.path.join(workdir, "phantom-data")
-        csv = phantom.ensure_dataset(folder, n_patients=d.phantom_patients,
-                                     resolution=max(d.resolution, 64), seed=config.seed)[split]
-        return data_lib.read_chexpert_csv(csv, folder, uncertain=d.uncertain,
-                                          frontal_only=d.frontal_only, max_records=max_records)
-    if d.kind == "chexpert":
-        if not d.csv:
-            raise ValueError("data.kind=chexpert needs --config.data.csv=PATH (the study's CSV "
-                             "format) and usually --config.data.image_root=DIR")
-        return data_lib.read_chexpert_csv(
-            d.csv, d.image_root or None, uncertain=d.uncertain, frontal_only=d.frontal_only,
-            path_replace=rewrite, max_records=max_records)
-    if d.kind == "folder":
-        if not d.csv:
-            raise ValueError("data.kind=folder needs --config.data.csv=PATH with a path column "
-                             "and a caption column or label columns")
-        records = data_lib.read_folder_csv(d.csv, d.image_root or None, path_replace=rewrite)
-        return records.subset(slice(0, max_records)) if max_records else records
-    if d.kind == "tfds":
-        records = data_lib.read_tfds_chexpert(split=d.tfds_split, uncertain=d.uncertain,
-                                              frontal_only=d.frontal_only)
-        return records.subset(slice(0, max_records)) if max_records else records
-    raise ValueError(f"data.kind={d.kind!r}: choose phantom, chexpert, folder or tfds")
 
 
 # ---------------------------------------------------------------------------------------

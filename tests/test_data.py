@@ -8,12 +8,13 @@ import pytest
 from PIL import Image
 
 from jaxmed.data import (
-    LABEL_COLUMNS,
     NORMAL_CAPTION,
+    READERS,
     BadImageError,
     Batches,
     Captioner,
     all_caption_variants,
+    build_records,
     caption_from_labels,
     load_image,
     prefetch_to_device,
@@ -22,11 +23,12 @@ from jaxmed.data import (
     read_image_folder,
     read_records,
 )
+from jaxmed.data.labels import CSV_COLUMNS, LABELS
 from jaxmed.data.tfds import read_tfds_chexpert, tfds_labels_to_study
 
 RES = 32
-HEADER = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(LABEL_COLUMNS)
-# (view, labels in LABEL_COLUMNS order) per CSV row; rows 3 and 7 are lateral.
+HEADER = ",".join(CSV_COLUMNS)
+# (view, labels in LABELS order) per CSV row; rows 3 and 7 are lateral.
 ROWS = [
     ("Frontal", [1, 0, 0, 0, 0, 0, 0, 0]),
     ("Frontal", [0, 1, 0, 1, 0, 0, 0, 0]),
@@ -98,7 +100,7 @@ def _batches(records, batch_size=4, **kw):
 def test_caption_rule_exact_strings():
     assert caption_from_labels([0] * 8) == NORMAL_CAPTION
     assert NORMAL_CAPTION == "Normal chest X-ray with no significant findings"
-    # No Finding is a label column like the others (SEED.md, read literally).
+    # No Finding is a label column like the others (docs/STUDY.md "Data", read literally).
     assert caption_from_labels([1, 0, 0, 0, 0, 0, 0, 0]) == "Chest X-ray showing No Finding"
     assert (caption_from_labels([0, 1, 0, 1, 0, 0, 0, 0])
             == "Chest X-ray showing Cardiomegaly, Edema")
@@ -380,7 +382,7 @@ def test_folder_csv_and_image_folder(dataset, tmp_path):
     b = _batches(r, 2, return_captions=True, shuffle=False).batch_at(0, 0)
     assert b["caption"] == ["a lung", "a, heart"] and b["image"].shape == (2, RES, RES, 3)
     (tmp_path / "labs.csv").write_text(
-        "path," + ",".join(LABEL_COLUMNS) + f"\n{p0},0,1,0,0,0,0,0,0\n{p1},0,0,0,0,0,0,0,0\n")
+        "path," + ",".join(LABELS) + f"\n{p0},0,1,0,0,0,0,0,0\n{p1},0,0,0,0,0,0,0,0\n")
     r = read_folder_csv(str(tmp_path / "labs.csv"), str(root))
     b = _batches(r, 2, return_captions=True, shuffle=False).batch_at(0, 0)
     assert b["caption"] == ["Chest X-ray showing Cardiomegaly", NORMAL_CAPTION]
@@ -391,6 +393,44 @@ def test_folder_csv_and_image_folder(dataset, tmp_path):
     assert len(f) == len(ROWS) and set(f.captions) == {"CXR"}
     b = _batches(f, 4, return_captions=True).batch_at(0, 0)
     assert b["labels"].shape == (4, 0) and b["caption"] == ["CXR"] * 4
+
+
+
+def test_one_dispatch_for_readers_and_the_training_config(dataset, tmp_path):
+    """`data.kind` and `read_records` name the same readers: ``folder`` is a CSV of paths."""
+    import ml_collections
+
+    root, csv = dataset
+    assert READERS["folder"] is read_folder_csv and READERS["chexpert"] is read_chexpert_csv
+    p0 = _csv_path(0).replace(*REWRITE)
+    (tmp_path / "caps.csv").write_text(f"path,caption\n{p0},a lung\n{p0},a heart\n")
+    config = ml_collections.ConfigDict({"seed": 0, "data": {
+        "kind": "folder", "csv": str(tmp_path / "caps.csv"), "image_root": str(root),
+        "path_rewrite": "", "max_images": 1, "uncertain": "zeros", "frontal_only": True,
+        "resolution": 32, "tfds_split": "train", "phantom_dir": "", "phantom_patients": 2}})
+    r = build_records(config, str(tmp_path))
+    assert r.captions == ["a lung"] and r.paths == [os.path.join(str(root), p0)]
+    assert read_records("folder", str(tmp_path / "caps.csv"), str(root)).captions == [
+        "a lung", "a heart"]
+    config.data.update(kind="chexpert", csv=csv, image_root=str(root), max_images=-1,
+                       path_rewrite="=>".join(REWRITE))
+    assert build_records(config, str(tmp_path)).paths == _records(dataset).paths
+    config.data.path_rewrite = "no arrow"
+    with pytest.raises(ValueError, match="old=>new"):
+        build_records(config, str(tmp_path))
+    config.data.update(path_rewrite="", csv="")
+    with pytest.raises(ValueError, match="data.csv"):
+        build_records(config, str(tmp_path))
+    config.data.update(kind="phantom", phantom_dir=str(tmp_path / "phantom"),
+                       phantom_patients=3, max_images=2)
+    r = build_records(config, str(tmp_path))
+    assert len(r) == 2 and all(os.path.isfile(p) for p in r.paths)
+    assert r.source == str(tmp_path / "phantom" / "train.csv")
+    config.data.kind = "image_folder"
+    with pytest.raises(ValueError, match="choose phantom, chexpert, folder or tfds"):
+        build_records(config, str(tmp_path))
+    with pytest.raises(ValueError, match="unknown data source"):
+        read_records("folder_csv", csv)
 
 
 def test_abandoned_iterator_stops_its_thread(dataset):

@@ -10,13 +10,15 @@ import pytest
 from scipy import ndimage as ndi
 
 from jaxmed.data import phantom as ph
+from jaxmed.data.labels import LABELS
+from jaxmed.data.phantom import anatomy, findings
 
 N = 256  # test resolution: large enough to measure, fast to render
 
 
 def _pair(labels, seed, view="PA", n=N):
     """The same patient and film without and with `labels` (pose jitter off)."""
-    st = ph._streams(seed)
+    st = anatomy.streams(seed)
     pt = ph.sample_patient(st["patient"])
     study = ph.sample_study(st["study"], view=view)
     a, ia = ph.render(None, n, seed, pt, study=study, jitter=False, return_info=True)
@@ -94,10 +96,9 @@ def test_label_inputs_and_constraints():
     ph.render({"No Finding": 1, "Support Devices": 1}, 64, 0)  # allowed, as in CheXpert
 
 
-def test_labels_match_the_study_columns():
-    from jaxmed.data.captions import LABEL_COLUMNS
-
-    assert ph.LABELS == tuple(LABEL_COLUMNS)
+def test_labels_follow_the_study_columns():
+    for i, k in enumerate(LABELS):
+        assert ph.labels_to_vector([k]).tolist() == [int(j == i) for j in range(len(LABELS))]
 
 
 # ----------------------------------------------------------------------------- findings
@@ -165,12 +166,12 @@ def test_pneumothorax_is_lucent_and_has_no_lung_markings(seed):
     assert b[reg].mean() < a[reg].mean() - 8
     # no lung markings peripheral to the pleural line: the lung's own attenuation (vessels
     # included) in the pleural space is gone
-    st = ph._streams(seed)
+    st = anatomy.streams(seed)
     study = ph.sample_study(st["study"], view="PA")
-    m = ph._maps(study["pose"], N)
+    m = anatomy.maps(study["pose"], N)
     P = m["lung"].copy()
     info = {}
-    ph._pneumothorax(P, m, ph._streams(seed)["Pneumothorax"], info)
+    findings._pneumothorax(P, m, anatomy.streams(seed)["Pneumothorax"], info)
     space = ndi.binary_erosion(info["pneumothorax"]["region"], iterations=2)
     assert P[space].mean() < 0.15 * m["lung"][space].mean()
     assert P[space].std() < 0.3 * m["lung"][space].std()
@@ -227,7 +228,7 @@ def test_sample_labels_frequencies_and_logic():
     lab = ph.sample_labels(20000, 0)
     assert lab.shape == (20000, 8) and set(np.unique(lab)) <= {0, 1}
     freq = lab.mean(0)
-    for i, k in enumerate(ph.LABELS):
+    for i, k in enumerate(LABELS):
         tol = 0.01 if ph.PREVALENCE[k] < 0.05 else 0.02
         assert abs(freq[i] - ph.PREVALENCE[k]) < tol, (k, freq[i], ph.PREVALENCE[k])
     nf = lab[:, 0] == 1
@@ -235,7 +236,7 @@ def test_sample_labels_frequencies_and_logic():
     assert (lab[:, 2][lab[:, 4] == 1] == 1).all(), "Pneumonia implies Lung Opacity"
     assert lab[nf][:, 7].any(), "No Finding may co-occur with Support Devices"
     c = np.corrcoef(lab.T.astype(float))
-    i, j, k = ph.LABELS.index("Edema"), ph.LABELS.index("Pleural Effusion"), 1
+    i, j, k = LABELS.index("Edema"), LABELS.index("Pleural Effusion"), 1
     assert c[i, j] > 0.1 and c[i, k] > 0.05
     np.testing.assert_array_equal(ph.sample_labels(50, 3), ph.sample_labels(50, 3))
 
@@ -277,7 +278,7 @@ def test_combination_csv_and_contact_sheet(tmp_path):
     assert rows[0]["Edema"] == 1 and rows[0]["count"] == 5 and rows[1]["No Finding"] == 1
     with open(tmp_path / "comb.csv") as f:
         header = f.readline().strip().split(",")
-    assert header == [*ph.LABELS, "count"]
+    assert header == [*LABELS, "count"]
     with pytest.raises(ValueError):
         ph.make_combination_csv([{"No Finding": 1, "Edema": 1}], 1)
     sheet = ph.contact_sheet(str(tmp_path / "sheet.png"), resolution=64)

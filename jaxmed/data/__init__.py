@@ -5,12 +5,14 @@ Readers produce `Records` (paths, labels, CSV rows; no pixels):
   - `read_folder_csv`: a CSV of paths with a caption column or label columns.
   - `read_image_folder`: a bare folder of images with one caption.
   - `read_tfds_chexpert`: TFDS's chexpert builder (optional: ``pip install jaxmed[tfds]``).
-`Batches` turns records into shuffled, per-process, resumable batches, and
-`prefetch_to_device` puts them on the mesh.
+  - `read_phantom`: the chest-radiograph phantom (`jaxmed.data.phantom`), made once.
+`read_records` dispatches by the source's name (``data.kind``) and `build_records` reads a
+training config's ``data`` block (`jaxmed.data.sources`). `Batches` turns records into
+shuffled, per-process, resumable batches, and `prefetch_to_device` puts them on the mesh.
+The labels, the six conditions and the CSV header are in `jaxmed.data.labels`.
 """
 
 from jaxmed.data.captions import (
-    LABEL_COLUMNS,
     NORMAL_CAPTION,
     Captioner,
     all_caption_variants,
@@ -25,25 +27,10 @@ from jaxmed.data.chexpert import (
 )
 from jaxmed.data.folder import read_folder_csv, read_image_folder
 from jaxmed.data.pipeline import Batches, prefetch_to_device
+from jaxmed.data.sources import READERS, build_records, read_phantom, read_records
 from jaxmed.data.tfds import read_tfds_chexpert
 
-READERS = {
-    "chexpert": read_chexpert_csv,
-    "folder_csv": read_folder_csv,
-    "folder": read_image_folder,
-    "tfds": read_tfds_chexpert,
-}
-
-
-def read_records(kind: str, *args, **kwargs) -> Records:
-    """Dispatch to a reader by name: one of ``READERS``."""
-    if kind not in READERS:
-        raise ValueError(f"unknown data source {kind!r}; choose one of {sorted(READERS)}")
-    return READERS[kind](*args, **kwargs)
-
-
 __all__ = [
-    "LABEL_COLUMNS",
     "NORMAL_CAPTION",
     "READERS",
     "BadImageError",
@@ -51,6 +38,7 @@ __all__ = [
     "Captioner",
     "Records",
     "all_caption_variants",
+    "build_records",
     "caption_from_labels",
     "image_from_array",
     "load_image",
@@ -58,6 +46,7 @@ __all__ = [
     "read_chexpert_csv",
     "read_folder_csv",
     "read_image_folder",
+    "read_phantom",
     "read_records",
     "read_tfds_chexpert",
 ]

@@ -1,6 +1,6 @@
 """Captions from CheXpert labels: the study's rule, optional templates, caption dropout.
 
-The study's rule (SEED.md, "Data"; the authors' dataset class does the same)::
+The study's rule (docs/STUDY.md "Data"; the authors' dataset class does the same)::
 
     "Chest X-ray showing " + ", ".join(positive labels in column order)
     or "Normal chest X-ray with no significant findings" when none is positive
@@ -29,17 +29,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# The study's label columns in CSV column order (SEED.md "Data").
-LABEL_COLUMNS: tuple[str, ...] = (
-    "No Finding",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Edema",
-    "Pneumonia",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Support Devices",
-)
+from jaxmed.data.labels import LABELS
+
+# The name jaxmed.sample and jaxmed.evaluate import the label columns by.
+LABEL_COLUMNS = LABELS
 PREFIX = "Chest X-ray showing "
 DEFAULT_TEMPLATE = PREFIX + "{findings}"
 NORMAL_CAPTION = "Normal chest X-ray with no significant findings"
@@ -63,7 +56,7 @@ def uniform01(seed: int, *keys: int) -> float:
     return (h >> 11) * (1.0 / (1 << 53))
 
 
-def positive_findings(labels, columns: Sequence[str] = LABEL_COLUMNS) -> list[str]:
+def positive_findings(labels, columns: Sequence[str] = LABELS) -> list[str]:
     """Names of the columns whose label equals 1, in column order."""
     labels = np.asarray(labels, dtype=np.float64).reshape(-1)
     if labels.shape[0] != len(columns):
@@ -71,7 +64,7 @@ def positive_findings(labels, columns: Sequence[str] = LABEL_COLUMNS) -> list[st
     return [c for c, v in zip(columns, labels) if v == 1]
 
 
-def caption_from_labels(labels, columns: Sequence[str] = LABEL_COLUMNS) -> str:
+def caption_from_labels(labels, columns: Sequence[str] = LABELS) -> str:
     """The study's caption for one row of labels (see the module docstring)."""
     found = positive_findings(labels, columns)
     return PREFIX + ", ".join(found) if found else NORMAL_CAPTION
@@ -100,7 +93,7 @@ class Captioner:
 
     def __init__(
         self,
-        columns: Sequence[str] = LABEL_COLUMNS,
+        columns: Sequence[str] = LABELS,
         templates: Sequence[str] | None = None,
         normal_captions: Sequence[str] | None = None,
         dropout: float = 0.0,
@@ -149,7 +142,7 @@ def all_caption_variants(
     templates: Sequence[str] | None = None,
     dropout: float = 0.0,
     *,
-    columns: Sequence[str] = LABEL_COLUMNS,
+    columns: Sequence[str] = LABELS,
     normal_captions: Sequence[str] | None = None,
     fixed_captions: Sequence[str] | None = None,
 ) -> list[str]:

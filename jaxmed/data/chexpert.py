@@ -33,8 +33,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
-from jaxmed.data.captions import LABEL_COLUMNS
+from jaxmed.data.labels import LABELS
 
 UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
 RESAMPLE = ("bilinear", "bicubic", "lanczos", "nearest")
@@ -70,7 +71,7 @@ class Records:
     paths: list[str]
     labels: np.ndarray
     rows: np.ndarray
-    label_columns: tuple[str, ...] = LABEL_COLUMNS
+    label_columns: tuple[str, ...] = LABELS
     source: str = ""
     captions: list[str] | None = None
     loader: Callable[[int], np.ndarray] | None = field(default=None, repr=False)
@@ -122,8 +123,6 @@ def _size(resolution) -> tuple[int, int]:
 
 
 def _resample(name: str):
-    from PIL import Image
-
     if name not in RESAMPLE:
         raise ValueError(f"resample {name!r} is not one of {RESAMPLE}")
     return getattr(Image.Resampling, name.upper())
@@ -132,8 +131,6 @@ def _resample(name: str):
 def pil_to_array(img, resolution: int | tuple[int, int] = 512,
                  resample: str = "bilinear") -> np.ndarray:
     """PIL image -> (H, W, 3) float32 in [-1, 1], plain resize (see the module docstring)."""
-    from PIL import Image
-
     h, w = _size(resolution)
     flt = _resample(resample)
     mode = img.mode
@@ -165,8 +162,6 @@ def pil_to_array(img, resolution: int | tuple[int, int] = 512,
 def load_image(path: str, resolution: int | tuple[int, int] = 512,
                resample: str = "bilinear") -> np.ndarray:
     """Read an image file -> (H, W, 3) float32 in [-1, 1]."""
-    from PIL import Image
-
     with Image.open(path) as img:
         img.load()
         return pil_to_array(img, resolution, resample)
@@ -175,8 +170,6 @@ def load_image(path: str, resolution: int | tuple[int, int] = 512,
 def image_from_array(a, resolution: int | tuple[int, int] = 512,
                      resample: str = "bilinear") -> np.ndarray:
     """A decoded (H, W), (H, W, 1) or (H, W, 3|4) uint8/uint16 array -> (H, W, 3) [-1, 1]."""
-    from PIL import Image
-
     a = np.asarray(a)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
@@ -248,7 +241,7 @@ def read_chexpert_csv(
     csv_path: str,
     image_root: str | None = None,
     *,
-    label_columns: Sequence[str] = LABEL_COLUMNS,
+    label_columns: Sequence[str] = LABELS,
     uncertain: str = "zeros",
     frontal_only: bool = True,
     path_replace: Sequence[tuple[str, str]] | tuple[str, str] = (),

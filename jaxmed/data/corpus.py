@@ -42,13 +42,24 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from jaxmed.data.chexpert import load_image
+from jaxmed.data.folder import read_folder_csv
+from jaxmed.files import atomic_path, write_json
+from jaxmed.models import weights as weights_lib
+from jaxmed.models.vae import AutoencoderKL
 
 CORPUS_VERSION = 1
 
@@ -103,7 +114,6 @@ def _skimage(name: str) -> Callable[[], list[np.ndarray]]:
 
 def _skimage_file(*names: str) -> Callable[[], list[np.ndarray]]:
     def load():
-        from PIL import Image
         from skimage import data
 
         out = []
@@ -139,7 +149,6 @@ def _sklearn(name: str) -> Callable[[], list[np.ndarray]]:
 
 def _grace_hopper() -> list[np.ndarray]:
     from matplotlib import cbook
-    from PIL import Image
 
     with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as im:
         return [np.asarray(im.convert("RGB"))]
@@ -230,8 +239,6 @@ SOURCES: tuple[Source, ...] = (
 
 def available_sources(sources: Sequence[Source] = SOURCES) -> list[Source]:
     """The sources whose package is installed (scikit-image is required)."""
-    import importlib.util
-
     if importlib.util.find_spec("skimage") is None:
         raise ModuleNotFoundError("the pretraining corpus needs scikit-image "
                                   "(pip install scikit-image, or jaxmed[test])")
@@ -286,8 +293,6 @@ def _pick(rng: np.random.Generator, seq: Sequence):
 def render(source: Source, pictures: list[np.ndarray], resolution: int,
            rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """One augmented (resolution, resolution, 3) uint8 image and its caption."""
-    from PIL import Image
-
     pic = pictures[int(rng.integers(len(pictures)))]
     h, w = pic.shape[:2]
     x0, y0, cw, ch, frac = _crop_box(rng, h, w, source.min_area)
@@ -377,9 +382,6 @@ def make_corpus(out_dir: str, n_images: int = 6000, resolution: int = 128, seed:
     source) and ``out_dir/corpus.json`` (settings and per-source counts; written last, so
     its presence means complete). Image i is a function of (seed, i) only.
     """
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     if n_images < 1 or resolution < 8:
         raise ValueError(f"make_corpus: n_images={n_images}, resolution={resolution}")
     sources = available_sources(SOURCES if sources is None else sources)
@@ -404,18 +406,19 @@ def make_corpus(out_dir: str, n_images: int = 6000, resolution: int = 128, seed:
         rows.append((rel, caption, src.name))
         counts[src.name] += 1
     csv_path = os.path.join(out_dir, "captions.csv")
-    tmp = csv_path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["path", "caption", "source"])
-        wr.writerows(rows)
-    os.replace(tmp, csv_path)
+    _write_csv(csv_path, ["path", "caption", "source"], rows)
     meta = {**_settings(n_images, resolution, seed, sources), "counts": counts,
             "captions": len({r[1] for r in rows})}
-    with open(marker + ".tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(marker + ".tmp", marker)
+    write_json(marker, meta)
     return csv_path
+
+
+def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    """A CSV written whole or not at all."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(header)
+        wr.writerows(rows)
 
 
 def ensure_corpus(out_dir: str, n_images: int = 6000, resolution: int = 128, seed: int = 0,
@@ -443,11 +446,6 @@ def make_patches(csv_path: str, out_dir: str, size: int = 64, seed: int = 0, *,
     Writes ``out_dir/images/NNNNN.png`` and ``out_dir/captions.csv`` (the source captions);
     skipped when ``out_dir/patches.json`` records the same settings.
     """
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from jaxmed.data import read_folder_csv
-
     records = read_folder_csv(csv_path)
     want = {"source": os.path.abspath(csv_path), "n": len(records), "size": int(size),
             "seed": int(seed)}
@@ -473,14 +471,8 @@ def make_patches(csv_path: str, out_dir: str, size: int = 64, seed: int = 0, *,
         rel = f"images/{i:05d}.png"
         Image.fromarray(a[y0:y0 + size, x0:x0 + size]).save(os.path.join(out_dir, rel))
         rows.append((rel, caption))
-    with open(out_csv + ".tmp", "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["path", "caption"])
-        wr.writerows(rows)
-    os.replace(out_csv + ".tmp", out_csv)
-    with open(marker + ".tmp", "w") as f:
-        json.dump(want, f)
-    os.replace(marker + ".tmp", marker)
+    _write_csv(out_csv, ["path", "caption"], rows)
+    write_json(marker, want, indent=None)
     return out_csv
 
 
@@ -494,13 +486,6 @@ def latent_scaling_factor(model_dir: str, csv_path: str, *, resolution: int = 12
 
     Returns {'scaling_factor', 'std', 'mean', 'images'}.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from jaxmed.data import load_image, read_folder_csv
-    from jaxmed.models import weights as weights_lib
-    from jaxmed.models.vae import AutoencoderKL
-
     cfg, params = weights_lib.load_component(model_dir, "vae")
     vae = AutoencoderKL(cfg)
     records = read_folder_csv(csv_path)
@@ -534,9 +519,7 @@ def set_scaling_factor(model_dir: str, value: float) -> None:
     with open(path) as f:
         cfg = json.load(f)
     cfg["scaling_factor"] = float(value)
-    with open(path + ".tmp", "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json(path, cfg, sort_keys=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

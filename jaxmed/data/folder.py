@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxmed.data.captions import LABEL_COLUMNS
 from jaxmed.data.chexpert import (
     Records,
     _pairs,
@@ -23,6 +22,7 @@ from jaxmed.data.chexpert import (
     require_columns,
     rewrite_path,
 )
+from jaxmed.data.labels import LABELS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 DEFAULT_FOLDER_CAPTION = "Chest X-ray"
@@ -62,9 +62,9 @@ def read_folder_csv(
     has_caption = caption_column in cols
     if label_columns is None:
         if has_caption:
-            label_columns = [c for c in LABEL_COLUMNS if c in cols]
+            label_columns = [c for c in LABELS if c in cols]
         else:
-            label_columns = LABEL_COLUMNS
+            label_columns = LABELS
     label_columns = tuple(label_columns)
     require_columns(cols, [path_column, *label_columns], csv_path)
     if not has_caption and not label_columns:

@@ -30,6 +30,7 @@ no tokenizer is given.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -39,10 +40,13 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmed.data.captions import Captioner
 from jaxmed.data.chexpert import BadImageError, Records
+from jaxmed.models.tokenizer import tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +103,6 @@ class Batches(Iterator[dict]):
         extras=None,
     ):
         if process_index is None or process_count is None:
-            import jax
-
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -218,8 +220,6 @@ class Batches(Iterator[dict]):
                 + (f"; e.g. {next(iter(self.bad_images))}" if self.bad_images else ""))
 
     def _tokens(self, captions: list[str]) -> np.ndarray:
-        from jaxmed.models.tokenizer import tokenize
-
         new = sorted({c for c in captions if c not in self._token_cache})
         if new:
             for c, ids in zip(new, tokenize(self.tokenizer, new, self.max_length)):
@@ -405,9 +405,6 @@ class _Done:
 
 
 def _default_sharding():
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     return NamedSharding(mesh, PartitionSpec("data"))
 
@@ -422,10 +419,6 @@ def prefetch_to_device(iterator: Iterable[Mapping], size: int = 2, sharding=None
     key -> Sharding (None leaves that key on the host), or None: the batch axis over all
     devices on a 1-D ``data`` mesh. Non-array values (captions) pass through.
     """
-    import itertools
-
-    import jax
-
     if sharding is None:
         sharding = _default_sharding()
 

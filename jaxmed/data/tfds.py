@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxmed.data.captions import LABEL_COLUMNS
 from jaxmed.data.chexpert import Records, convert_labels
+from jaxmed.data.labels import LABELS
 
 # The 14 observations, in CheXpert's CSV order (TFDS's ``label`` sequence order).
 CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
@@ -52,7 +52,7 @@ INSTALL_HINT = (
 )
 
 
-def tfds_labels_to_study(codes, label_columns: Sequence[str] = LABEL_COLUMNS,
+def tfds_labels_to_study(codes, label_columns: Sequence[str] = LABELS,
                          uncertain: str = "zeros") -> np.ndarray:
     """TFDS label codes (..., 14) -> (..., L) float32 in the study's columns."""
     codes = np.asarray(codes, dtype=np.int64)
@@ -82,7 +82,7 @@ def read_tfds_chexpert(
     *,
     data_dir: str | None = None,
     manual_dir: str | None = None,
-    label_columns: Sequence[str] = LABEL_COLUMNS,
+    label_columns: Sequence[str] = LABELS,
     uncertain: str = "zeros",
     frontal_only: bool = True,
     download_and_prepare: bool = True,
