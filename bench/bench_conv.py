@@ -1,5 +1,5 @@
 """3x3 convolution, forward + input and weight gradients: torch vs XLA:CPU vs jaxmed's
-Winograd kernel (jaxmed/models/cpu_conv.cc, what layers.Conv runs where `cpu_conv.wins`).
+Winograd kernel (jaxmed/kernels/cpu_conv.cc, what layers.Conv runs where `cpu_conv.wins`).
 
     python bench/bench_conv.py [--repeats 30] [--shapes 4,32,64,64 2,64,320,320]
 
@@ -45,7 +45,7 @@ def main() -> None:
     import torch
     from jax import lax
 
-    from jaxmed.models import cpu_conv
+    from jaxmed.kernels import cpu_conv
 
     torch.set_num_threads(os.cpu_count() or 1)
     if not cpu_conv.available():

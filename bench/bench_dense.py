@@ -1,5 +1,5 @@
 """Dense-layer weight gradient dw = x^T dy: torch vs XLA:CPU vs jaxmed's kernel
-(jaxmed/models/cpu_dense.cc, what layers.matmul's backward pass runs on CPU).
+(jaxmed/kernels/cpu_dense.cc, what layers.matmul's backward pass runs on CPU).
 
     python bench/bench_dense.py [--repeats 50] [--shapes 1024,128,128 256,256,2048]
 
@@ -33,7 +33,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from jaxmed.models import cpu_dense
+    from jaxmed.kernels import cpu_dense
 
     torch.set_num_threads(os.cpu_count() or 1)
     if not cpu_dense.available():

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxmed.models import cpu_adamw
+from jaxmed.kernels import cpu_adamw
 from jaxmed.strategies.base import Strategy
 
 

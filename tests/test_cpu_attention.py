@@ -1,4 +1,4 @@
-"""The C++ CPU attention kernel (jaxmed/models/cpu_attention.cc) against jnp softmax attention:
+"""The C++ CPU attention kernel (jaxmed/kernels/cpu_attention.cc) against jnp softmax attention:
 outputs and gradients, odd sizes, vmap, dtypes, the layers.attention dispatch, the fallback
 when no compiler is found, and a data-sharded batch on 8 simulated devices."""
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import kernel_without_compiler, run_on_8_cpu_devices
 
-from jaxmed.models import cpu_attention, layers
+from jaxmed.kernels import cpu_attention
+from jaxmed.models import layers
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")

@@ -1,4 +1,4 @@
-"""The C++ dense-layer weight gradient (jaxmed/models/cpu_dense.cc) against float64
+"""The C++ dense-layer weight gradient (jaxmed/kernels/cpu_dense.cc) against float64
 numpy: odd shapes, several token blocks, partial panels, reproducibility, the
 layers.matmul dispatch and gradients, dead-code elimination for frozen weights, bad shapes,
 the fallback when no compiler is found, and a data-sharded batch on 8 simulated devices."""
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import kernel_without_compiler, run_on_8_cpu_devices
 
-from jaxmed.models import cpu_dense, layers
+from jaxmed.kernels import cpu_dense
+from jaxmed.models import layers
 
 pytestmark = pytest.mark.skipif(not cpu_dense.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")
@@ -93,7 +94,8 @@ def test_switched_off_by_environment(monkeypatch):
 _SHARDED = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxmed.models import cpu_dense, layers
+from jaxmed.kernels import cpu_dense
+from jaxmed.models import layers
 assert jax.device_count() == 8 and cpu_dense.available()
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.standard_normal((8, 40, 32)), jnp.float32)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxmed.models import cpu_dense, layers
+from jaxmed.kernels import cpu_dense
+from jaxmed.models import layers
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 8, 6, 64), 32), ((3, 5, 48), 16),

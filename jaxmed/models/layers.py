@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmed.models import cpu_attention, cpu_conv, cpu_dense
+from jaxmed.kernels import cpu_attention, cpu_conv, cpu_dense
 
 Dtype = Any
 Axes = tuple[str | None, ...]

@@ -4,7 +4,7 @@ XLA:CPU runs fusions inside while loops on one core, so attention written in jnp
 streams the full logits through memory (unblocked) or uses one core (blocked). The kernel
 keeps a row of logits in L1 and spreads (batch x head) groups over XLA's intra-op threads.
 
-Compiled on first use (see cpu_kernels). Without a compiler, or with
+Compiled on first use (see kernels.build). Without a compiler, or with
 ``JAXMED_CPU_ATTENTION=0``, jaxmed falls back to its jnp attention (same results within
 float32 rounding; slower). Accelerators never use it.
 """
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmed.models.cpu_kernels import Kernel
+from jaxmed.kernels.build import Kernel
 
 _FWD, _BWD = "jaxmed_attention_fwd", "jaxmed_attention_bwd"
 KERNEL = Kernel("cpu_attention.cc", {_FWD: "JaxmedAttentionFwd", _BWD: "JaxmedAttentionBwd"},

@@ -6,7 +6,7 @@ does the same work with 2.25x fewer multiplies. Results agree with `lax.conv` to
 rounding (about 1e-6 relative), and an example's output does not depend on the batch it
 is in (the kernel's order of summation is the same for every tile).
 
-Compiled on first use (see cpu_kernels). Without a compiler, or with
+Compiled on first use (see kernels.build). Without a compiler, or with
 ``JAXMED_CPU_CONV=0``, jaxmed uses XLA's convolution. Accelerators never use it.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxmed.models.cpu_kernels import Kernel
+from jaxmed.kernels.build import Kernel
 
 _FILTER, _CONV, _WGRAD = "jaxmed_winograd_filter", "jaxmed_winograd_conv", "jaxmed_winograd_wgrad"
 _CONV_FILTER = "jaxmed_winograd_conv_filter"

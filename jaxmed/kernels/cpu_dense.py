@@ -5,7 +5,7 @@ first transposing dy into a (features, tokens) copy and then calling Eigen, at a
 the speed of its other matrix products; the kernel reads both in place. Results agree with
 XLA's to float32 rounding and do not depend on the thread count.
 
-Compiled on first use (see cpu_kernels). Without a compiler, or with
+Compiled on first use (see kernels.build). Without a compiler, or with
 ``JAXMED_CPU_DENSE=0``, jaxmed uses XLA's dot. Accelerators never use it.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxmed.models.cpu_kernels import Kernel
+from jaxmed.kernels.build import Kernel
 
 _WGRAD = "jaxmed_dense_wgrad"
 KERNEL = Kernel("cpu_dense.cc", {_WGRAD: "JaxmedDenseWgrad"}, switch="JAXMED_CPU_DENSE",
