@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import kernel_without_compiler, run_on_8_cpu_devices
 
-from jaxmed.kernels import cpu_attention
+from jaxmed.kernels import cpu_attention, dispatch
 from jaxmed.models import layers
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
@@ -87,7 +87,7 @@ def _mha(q, k, v, heads):
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_layers_attention_uses_kernel_above_threshold(dtype, tol):
     b, heads, lq, lk, c = 2, 4, 400, 400, 32  # 640K logits per example, d=8
-    assert heads * lq * lk > layers._KERNEL_ELEMS
+    assert heads * lq * lk > dispatch.KERNEL_ELEMS
     q, k, v, _ = _data((b,), lq, lk, c)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     hlo = jax.jit(layers.attention, static_argnums=3).lower(q, k, v, heads).as_text()

@@ -3,7 +3,8 @@
 fusions read the gradient and moments again for each of their three outputs.
 
 Compiled on first use (see kernels.build). Without a compiler, or with
-``JAXMED_CPU_ADAMW=0``, jaxmed.optim runs optax's update instead. Accelerators never use it.
+``JAXMED_CPU_ADAMW=0``, jaxmed.optim runs optax's update instead. Chosen by
+`kernels.dispatch.adamw` only where a computation is lowered for CPU.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ keeps a row of logits in L1 and spreads (batch x head) groups over XLA's intra-o
 
 Compiled on first use (see kernels.build). Without a compiler, or with
 ``JAXMED_CPU_ATTENTION=0``, jaxmed falls back to its jnp attention (same results within
-float32 rounding; slower). Accelerators never use it.
+float32 rounding; slower). Chosen by `kernels.dispatch` only where a computation is lowered
+for CPU.
 """
 
 from __future__ import annotations
@@ -52,3 +53,17 @@ def _bwd(scale, res, do):
 
 
 attention.defvjp(_fwd, _bwd)
+
+
+def multi_head(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+    """`attention` of (B, L, C) q, k, v split into ``heads`` heads, in float32 (the kernel
+    always upcasts), returned as (B, Lq, C) in q's dtype. Call `available()` first."""
+    b, lq, c = q.shape
+    lk = k.shape[1]
+    d = c // heads
+
+    def split(x, n):
+        return x.reshape(b, n, heads, d).transpose(0, 2, 1, 3).astype(jnp.float32)
+
+    out = attention(split(q, lq), split(k, lk), split(v, lk), d**-0.5)
+    return out.transpose(0, 2, 1, 3).reshape(b, lq, c).astype(q.dtype)

@@ -6,7 +6,8 @@ the speed of its other matrix products; the kernel reads both in place. Results 
 XLA's to float32 rounding and do not depend on the thread count.
 
 Compiled on first use (see kernels.build). Without a compiler, or with
-``JAXMED_CPU_DENSE=0``, jaxmed uses XLA's dot. Accelerators never use it.
+``JAXMED_CPU_DENSE=0``, jaxmed uses XLA's dot. Chosen by `kernels.dispatch` only where a
+computation is lowered for CPU.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ available = KERNEL.available
 
 def wins(m: int, k: int, n: int) -> bool:
     """Whether the kernel takes x.T @ dy (M x K x N): whenever N is a multiple of 16 (its
-    vector width). Measured on a 2-core AVX-512 CPU, 2026-11, XLA vs kernel, ms: 1024 x 512
-    x 128 0.69 vs 0.37; 1024 x 128 x 128 0.16 vs 0.11; 256 x 256 x 256 0.17 vs 0.08; 4096 x
-    64 x 64 0.25 vs 0.15. Alone, XLA is faster for wide N (1024 x 128 x 1024: 0.70 vs 0.89),
-    but in the medium UNet's train step the kernel is faster there too (step 273 -> 263 ms),
-    as XLA's transposed copies of dy compete with the rest of the step for memory."""
+    vector width). Alone, XLA is faster for wide N, but inside a train step the kernel is
+    faster there too, as XLA's transposed copies of dy compete with the rest of the step
+    for memory (bench/bench_dense.py)."""
     return n % 16 == 0
+
+
+def applies(x: jax.Array, w: jax.Array) -> bool:
+    """Whether x (..., K) @ w (K, N) on CPU takes its weight gradient from the kernel: both
+    float32, where it `wins`, and built."""
+    return (x.dtype == jnp.float32 and w.dtype == jnp.float32
+            and wins(x.size // x.shape[-1], *w.shape) and available())
 
 
 def wgrad(x: jax.Array, dy: jax.Array) -> jax.Array:
@@ -37,3 +43,23 @@ def wgrad(x: jax.Array, dy: jax.Array) -> jax.Array:
     first."""
     return jax.ffi.ffi_call(_WGRAD, jax.ShapeDtypeStruct((x.shape[1], dy.shape[1]), jnp.float32),
                             vmap_method="sequential")(x, dy)
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) @ w (K, N) by XLA's dot, with the weight gradient by `wgrad` (where
+    `applies`)."""
+    return jnp.dot(x, w)
+
+
+def _matmul_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _matmul_bwd(res, dy):
+    x, w = res
+    dw = wgrad(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+    return jnp.dot(dy, w.T), dw
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
