@@ -29,11 +29,11 @@ def _cpu(f, *args) -> str:
     return jax.jit(f).lower(*args).as_text()
 
 
-def _unet_loss():
+def _unet_loss(remat=False):
     """The tiny test UNet (32, 64) at a 16x16 latent: its self-attention (4 heads of 8,
     256 tokens), 3x3 convs and dense layers are all where the CPU kernels apply."""
     cfg = tiny.configs("test", image_size=64)["unet"]
-    model = UNet2DConditionModel(cfg)
+    model = UNet2DConditionModel(cfg, remat=remat)
     sample, t, ctx = dummy_inputs(cfg, batch=2, height=16, width=16)
 
     def loss(params, sample):
@@ -43,9 +43,10 @@ def _unet_loss():
     return jax.grad(loss), abstract_params(cfg), jax.ShapeDtypeStruct(sample.shape, jnp.float32)
 
 
+@pytest.mark.parametrize("remat", [False, True])
 @pytest.mark.parametrize("platform", ACCELERATORS)
-def test_unet_forward_and_backward_for_an_accelerator_holds_no_cpu_kernel(platform):
-    grad, params, sample = _unet_loss()
+def test_unet_forward_and_backward_for_an_accelerator_holds_no_cpu_kernel(platform, remat):
+    grad, params, sample = _unet_loss(remat)
     text = _exported(grad, platform, params, sample)
     assert "jaxmed_" not in text
     assert "stablehlo.convolution" in text  # XLA's own ops instead
