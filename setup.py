@@ -15,8 +15,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["jaxmed", "jaxmed.*"]),
     include_package_data=True,
-    # The C++ kernels (models/*.cc, *.h) are compiled at first use (models/cpu_kernels.py).
-    package_data={"jaxmed": ["assets/**/*", "models/*.cc", "models/*.h"]},
+    # The C++ kernels (kernels/*.cc, *.h) are compiled at first use (kernels/build.py).
+    package_data={"jaxmed": ["assets/**/*", "kernels/*.cc", "kernels/*.h"]},
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",

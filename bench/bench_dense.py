@@ -1,5 +1,5 @@
 """Dense-layer weight gradient dw = x^T dy: torch vs XLA:CPU vs jaxmed's kernel
-(jaxmed/models/cpu_dense.cc, what layers.matmul's backward pass runs on CPU).
+(jaxmed/kernels/cpu_dense.cc, what kernels.dispatch.matmul's backward pass runs on CPU).
 
     python bench/bench_dense.py [--repeats 50] [--shapes 1024,128,128 256,256,2048]
 
@@ -8,6 +8,12 @@ UNet's attention projections, GEGLU, proj_in/out and 1x1 shortcuts at batch 4, f
 Reported: median ms, and speed ratios (> 1: jaxmed's kernel faster). XLA contracts both
 operands over their leading axis by transposing dy and calling Eigen; alone it is faster
 for wide N, but inside a train step the kernel is faster there too (see cpu_dense.wins).
+
+Measured on a 2-core AVX-512 CPU, 2026-11, XLA vs kernel, ms (M x K x N): 1024 x 512 x 128
+0.69 vs 0.37; 1024 x 128 x 128 0.16 vs 0.11; 256 x 256 x 256 0.17 vs 0.08; 4096 x 64 x 64
+0.25 vs 0.15; 1024 x 128 x 1024 0.70 vs 0.89 (XLA faster alone), yet the medium UNet's
+train step went 273 -> 263 ms with the kernel there too. In that step the transposes and
+products the kernel replaces were ~55 ms of thunk time.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from jaxmed.models import cpu_dense
+    from jaxmed.kernels import cpu_dense
 
     torch.set_num_threads(os.cpu_count() or 1)
     if not cpu_dense.available():

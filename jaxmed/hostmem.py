@@ -2,10 +2,10 @@
 
 XLA:CPU mallocs each execution's temporaries and outputs and frees them afterwards. glibc
 returns blocks above its mmap threshold (and any block too big for a thread's arena) to
-the kernel, so the next step faults every page in again: on the medium UNet's CPU train
-step that was 123k page faults and 0.19 s of kernel time per step, about 10% of the step
-(bench/bench_train.py). With one arena, no mmap'd blocks and no trimming, freed blocks are
-reused and a steady-state step faults no pages.
+the kernel, so the next step faults every page in again, and the OS kernel's time zeroing
+and mapping those pages is a sizeable share of a CPU train step (compare bench/bench_train.py
+with ``--malloc default``). With one arena, no mmap'd blocks and no trimming, freed blocks
+are reused and a steady-state step faults no pages.
 
 The price: the process keeps its peak heap (as tcmalloc or jemalloc would) and all threads
 share one malloc arena (XLA allocates few, large blocks). It is process-wide, so jaxmed's

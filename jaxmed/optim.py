@@ -5,8 +5,9 @@ learning rate and optional warm-up), as in the study's diffusers scripts.
 ``optax.chain(optax.clip_by_global_norm, optax.adamw)`` per component) plus ``apply``, the
 whole step ``(grads, state, params, ok) -> (params, state)`` that the train step calls. A
 step with ``ok`` False (a non-finite loss or gradient) leaves params and state as they were.
-On CPU, ``apply`` updates each float32 leaf in place with one C++ pass (cpu_adamw); elsewhere
-it is optax's update followed by ``optax.apply_updates``.
+Compiled for CPU with float32 params, ``apply`` updates each leaf in place with one C++ pass
+(kernels.cpu_adamw); for any other platform or dtype it is optax's update followed by
+``optax.apply_updates`` (kernels.dispatch.adamw chooses, by the platform compiled for).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxmed.models import cpu_adamw
+from jaxmed.kernels import cpu_adamw, dispatch
 from jaxmed.strategies.base import Strategy
 
 
@@ -40,8 +41,7 @@ def scale_by_adam_guarded(b1: float, b2: float, eps: float
     Guarding here rather than selecting old-or-new over the whole state afterwards lets the
     moments be updated in place and then read by the parameter update
     (optimization_barrier: otherwise XLA recomputes them inside the parameter update from
-    the old moments, which it must first copy). Medium UNet step on 2 CPU cores: ~184 ->
-    ~175 ms."""
+    the old moments, which it must first copy)."""
     init = optax.scale_by_adam(b1=b1, b2=b2, eps=eps).init
 
     def update(updates, state, params=None, *, ok=True, **extra_args):
@@ -74,7 +74,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     clipping as one scalar factor per step: XLA then folds ``g * factor`` into the moment
     updates, where optax's per-element ``g / norm`` (a divide, which XLA will not duplicate
     into the two consumers) is written out as a clipped copy of every gradient first:
-    one pass over the gradients less (medium UNet: ~10 ms of a 2-core CPU step)."""
+    one pass over the gradients less."""
 
     def update(updates, state, params=None):
         del params
@@ -121,8 +121,9 @@ def make_optimizer(strategy: Strategy, trainable: Any, cfg: ml_collections.Confi
         tx = optax.chain(clip, tx)
 
     def apply(grads, state, params, ok):
-        if _fused(params):
-            return _apply_fused(grads, state, params, ok)
+        return dispatch.adamw(_apply_fused, _apply_optax, params, grads, state, params, ok)
+
+    def _apply_optax(grads, state, params, ok):
         updates, new = tx.update(grads, state, params, ok=ok)
         params_new = optax.apply_updates(params, updates)
         # Adam's count and moments are guarded inside; the rest (schedule counts) here.
@@ -171,10 +172,3 @@ def make_optimizer(strategy: Strategy, trainable: Any, cfg: ml_collections.Confi
         return treedef.unflatten(out_p), (inner if clipped is None else (clip_state, inner))
 
     return Optimizer(tx.init, tx.update, apply)
-
-
-def _fused(params: Any) -> bool:
-    """Whether `Optimizer.apply` takes the C++ path: on CPU, every leaf float32."""
-    return (jax.default_backend() == "cpu"
-            and all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
-            and cpu_adamw.available())

@@ -40,15 +40,15 @@ def run_on_8_cpu_devices(script: str) -> None:
 
 
 def kernel_without_compiler(kernel, monkeypatch, tmp_path, caplog) -> str:
-    """Make `kernel` (a cpu_kernels.Kernel) try to build with a compiler that does not exist;
+    """Make `kernel` (a kernels.build.Kernel) try to build with a compiler that does not exist;
     assert it reports itself unavailable, with a warning naming its source, and leaves no
     library behind. Returns the logged warnings."""
-    from jaxmed.models import cpu_kernels
+    from jaxmed.kernels import build
 
     monkeypatch.setattr(kernel, "_ok", None)
     monkeypatch.setenv("JAXMED_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
         assert not kernel.available()
     assert f"{kernel.source.name} unavailable" in caplog.text
     assert not list(tmp_path.glob("*.so"))

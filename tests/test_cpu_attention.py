@@ -1,4 +1,4 @@
-"""The C++ CPU attention kernel (jaxmed/models/cpu_attention.cc) against jnp softmax attention:
+"""The C++ CPU attention kernel (jaxmed/kernels/cpu_attention.cc) against jnp softmax attention:
 outputs and gradients, odd sizes, vmap, dtypes, the layers.attention dispatch, the fallback
 when no compiler is found, and a data-sharded batch on 8 simulated devices."""
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import kernel_without_compiler, run_on_8_cpu_devices
 
-from jaxmed.models import cpu_attention, layers
+from jaxmed.kernels import cpu_attention, dispatch
+from jaxmed.models import layers
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")
@@ -86,7 +87,7 @@ def _mha(q, k, v, heads):
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_layers_attention_uses_kernel_above_threshold(dtype, tol):
     b, heads, lq, lk, c = 2, 4, 400, 400, 32  # 640K logits per example, d=8
-    assert heads * lq * lk > layers._KERNEL_ELEMS
+    assert heads * lq * lk > dispatch.KERNEL_ELEMS
     q, k, v, _ = _data((b,), lq, lk, c)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     hlo = jax.jit(layers.attention, static_argnums=3).lower(q, k, v, heads).as_text()

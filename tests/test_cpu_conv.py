@@ -1,4 +1,4 @@
-"""The C++ Winograd 3x3 convolution (jaxmed/models/cpu_conv.cc) against lax.conv: outputs,
+"""The C++ Winograd 3x3 convolution (jaxmed/kernels/cpu_conv.cc) against lax.conv: outputs,
 input and weight gradients, odd sizes, both schedules, batch-split invariance, the
 layers.Conv dispatch, bad shapes, the fallback when no compiler is found, and a
 data-sharded batch on 8 simulated devices."""
@@ -11,7 +11,8 @@ import pytest
 from conftest import kernel_without_compiler, run_on_8_cpu_devices
 from jax import lax
 
-from jaxmed.models import cpu_conv, layers
+from jaxmed.kernels import cpu_conv
+from jaxmed.models import layers
 
 pytestmark = pytest.mark.skipif(not cpu_conv.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")
@@ -159,7 +160,7 @@ def test_switched_off_by_environment(monkeypatch):
 _SHARDED = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxmed.models import cpu_conv
+from jaxmed.kernels import cpu_conv
 assert jax.device_count() == 8 and cpu_conv.available()
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.standard_normal((8, 16, 16, 32)), jnp.float32)

@@ -1,7 +1,8 @@
-"""The C++ dense-layer weight gradient (jaxmed/models/cpu_dense.cc) against float64
+"""The C++ dense-layer weight gradient (jaxmed/kernels/cpu_dense.cc) against float64
 numpy: odd shapes, several token blocks, partial panels, reproducibility, the
-layers.matmul dispatch and gradients, dead-code elimination for frozen weights, bad shapes,
-the fallback when no compiler is found, and a data-sharded batch on 8 simulated devices."""
+kernels.dispatch.matmul dispatch and gradients, dead-code elimination for frozen weights,
+bad shapes, the fallback when no compiler is found, and a data-sharded batch on 8
+simulated devices."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import kernel_without_compiler, run_on_8_cpu_devices
 
-from jaxmed.models import cpu_dense, layers
+from jaxmed.kernels import cpu_dense, dispatch
 
 pytestmark = pytest.mark.skipif(not cpu_dense.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")
@@ -45,12 +46,12 @@ def _loss(mm, ct):
     return lambda x, w: jnp.sum(mm(x, w) * ct)
 
 
-def test_layers_matmul_gradients_and_dispatch():
+def test_matmul_gradients_and_dispatch():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 37, 48)), jnp.float32)  # (B, L, K)
     w = jnp.asarray(rng.standard_normal((48, 80)) / 7, jnp.float32)
     ct = jnp.asarray(rng.standard_normal((2, 37, 80)), jnp.float32)
-    grad = jax.jit(jax.value_and_grad(_loss(layers.matmul, ct), argnums=(0, 1)))
+    grad = jax.jit(jax.value_and_grad(_loss(dispatch.matmul, ct), argnums=(0, 1)))
     assert "jaxmed_dense_wgrad" in grad.lower(x, w).as_text()
     (v, (dx, dw)), (v0, (dx0, dw0)) = grad(x, w), jax.value_and_grad(
         _loss(jnp.dot, ct), argnums=(0, 1))(x, w)
@@ -58,11 +59,11 @@ def test_layers_matmul_gradients_and_dispatch():
     np.testing.assert_allclose(dx, dx0, rtol=0, atol=1e-5)
     np.testing.assert_allclose(dw, dw0, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(dw0))))
     # A frozen weight (LoRA's base layers): the kernel is not run at all.
-    dx_only = jax.jit(jax.grad(_loss(layers.matmul, ct))).lower(x, w).compile().as_text()
+    dx_only = jax.jit(jax.grad(_loss(dispatch.matmul, ct))).lower(x, w).compile().as_text()
     assert "jaxmed_dense_wgrad" not in dx_only
     # Not: N not a multiple of 16, bfloat16.
     w8 = w[:, :8]
-    f = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.matmul(x, w)), argnums=1))
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(dispatch.matmul(x, w)), argnums=1))
     assert "jaxmed_dense_wgrad" not in f.lower(x, w8).as_text()
     assert "jaxmed_dense_wgrad" not in f.lower(x.astype(jnp.bfloat16),
                                                w.astype(jnp.bfloat16)).as_text()
@@ -80,7 +81,7 @@ def test_fallback_without_compiler(monkeypatch, tmp_path, caplog):
     log = kernel_without_compiler(cpu_dense.KERNEL, monkeypatch, tmp_path, caplog)
     assert "XLA's dot" in log
     x, w = jnp.ones((8, 16), jnp.float32), jnp.ones((16, 32), jnp.float32)
-    hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.matmul(x, w)), argnums=1)).lower(
+    hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(dispatch.matmul(x, w)), argnums=1)).lower(
         x, w).as_text()
     assert "jaxmed_dense_wgrad" not in hlo
 
@@ -93,13 +94,13 @@ def test_switched_off_by_environment(monkeypatch):
 _SHARDED = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxmed.models import cpu_dense, layers
+from jaxmed.kernels import cpu_dense, dispatch
 assert jax.device_count() == 8 and cpu_dense.available()
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.standard_normal((8, 40, 32)), jnp.float32)
 w = jnp.asarray(rng.standard_normal((32, 48)) * 0.1, jnp.float32)
 ct = jnp.asarray(rng.standard_normal((8, 40, 48)), jnp.float32)
-f = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(layers.matmul(x, w) * ct), argnums=(0, 1)))
+f = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(dispatch.matmul(x, w) * ct), argnums=(0, 1)))
 assert "jaxmed_dense_wgrad" in f.lower(x, w).as_text()
 single = f(x, w)
 mesh = Mesh(np.array(jax.devices()), ("data",))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxmed.models import cpu_dense, layers
+from jaxmed.kernels import cpu_dense, cpu_jnp
+from jaxmed.models import layers
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 8, 6, 64), 32), ((3, 5, 48), 16),
@@ -53,11 +54,11 @@ def test_im2col_conv_matches_lax_conv(shape):
     def grads(f):
         return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(f(x, k) * ct), argnums=(0, 1)))(x, k)
 
-    np.testing.assert_allclose(layers.im2col_conv3x3(x, k), ref(x, k), rtol=0, atol=1e-5)
-    for got, want in zip(grads(layers.im2col_conv3x3)[1], grads(ref)[1]):
+    np.testing.assert_allclose(cpu_jnp.im2col_conv3x3(x, k), ref(x, k), rtol=0, atol=1e-5)
+    for got, want in zip(grads(cpu_jnp.im2col_conv3x3)[1], grads(ref)[1]):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
     # The weight gradient (patches^T dy) runs on the dense kernel where it applies.
-    hlo = jax.jit(jax.grad(lambda k: jnp.sum(layers.im2col_conv3x3(x, k)))).lower(k).as_text()
+    hlo = jax.jit(jax.grad(lambda k: jnp.sum(cpu_jnp.im2col_conv3x3(x, k)))).lower(k).as_text()
     assert ("jaxmed_dense_wgrad" in hlo) == (cout % 16 == 0 and cpu_dense.available())
     # layers.Conv takes this path on XLA:CPU for maps of at most 16 pixels.
     m = layers.Conv(features=cout)

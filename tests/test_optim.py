@@ -15,7 +15,7 @@ from conftest import kernel_without_compiler
 
 from jaxmed import optim
 from jaxmed.cli import load_config
-from jaxmed.models import cpu_adamw
+from jaxmed.kernels import cpu_adamw
 
 needs_kernel = pytest.mark.skipif(not cpu_adamw.available(),
                                   reason="no C++ compiler: the kernel cannot be built here")

@@ -2,8 +2,9 @@
 (cpu_adamw.cc): one read of p, g, mu, nu and one write of p, mu, nu per element, where XLA's
 fusions read the gradient and moments again for each of their three outputs.
 
-Compiled on first use (see cpu_kernels). Without a compiler, or with
-``JAXMED_CPU_ADAMW=0``, jaxmed.optim runs optax's update instead. Accelerators never use it.
+Compiled on first use (see kernels.build). Without a compiler, or with
+``JAXMED_CPU_ADAMW=0``, jaxmed.optim runs optax's update instead. Chosen by
+`kernels.dispatch.adamw` only where a computation is lowered for CPU.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxmed.models.cpu_kernels import Kernel
+from jaxmed.kernels.build import Kernel
 
 _STEP = "jaxmed_adamw"
 KERNEL = Kernel("cpu_adamw.cc", {_STEP: "JaxmedAdamW"}, switch="JAXMED_CPU_ADAMW",

@@ -2,9 +2,9 @@
 //
 // Why: XLA:CPU sends dot(x, dy) contracting both operands' leading (token) axis to Eigen,
 // after transposing dy into a (features, tokens) copy, at about half the speed of its
-// other products; in the medium UNet's train step those transposes and products were
-// ~55 ms of the step's thunk time. Here x is read in place (the micro-kernel broadcasts
-// one element of A at a time, so a strided A costs nothing extra) and dy row by row.
+// other products, and in a UNet train step those transposes and products are a large
+// share of the step. Here x is read in place (the micro-kernel broadcasts one element of
+// A at a time, so a strided A costs nothing extra) and dy row by row.
 //
 //   x (M, K), dy (M, N) -> dw (K, N)    float32, N a multiple of the vector width
 // Every element of dw is summed over the M rows in order, however the work is split.

@@ -19,7 +19,7 @@
 // The input gradient is the conv of dy with the flipped filter's transform.
 //
 // The 16 products of every schedule run through one register-blocked micro-kernel (near
-// the core's peak: 230 GFLOP/s on one AVX-512 core). Every output element is accumulated
+// the core's peak). Every output element is accumulated
 // over input channels in the same order whatever the schedule, block, batch size or
 // thread count, so an image's result does not depend on how a batch is split.
 
@@ -208,7 +208,7 @@ void FilterRows(const float* const g[3][3], int64_t co, float* u, int64_t sp) {
 // transposed filter (g[k][l] = w[2-k][2-l], the input gradient's), as (16, Co, Ci). Each
 // block of 16 input channels is transformed into a padded buffer, then copied out
 // (transposed 16 x 16 at a time for flip): writing the 16 planes of u directly, at a
-// power-of-two distance from each other, thrashed the cache (10x slower). One thread: the
+// power-of-two distance from each other, thrashed the cache. One thread: the
 // blocks take microseconds, and handing them to the pool, whose other thread is usually
 // running a concurrent op in a train step, doubled the filters' share of the step.
 ffi::Error FilterImpl(ffi::ThreadPool, ffi::Buffer<ffi::F32> w, bool flip,
@@ -323,8 +323,8 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 // The staged schedule with the filter transformed inside the product pass, from w itself:
 // each task transforms the filter for one panel of output channels (16 x Ci x 32 floats, in
 // L2) and multiplies every tile by it. For small maps (8x8, 16x16) with wide filters, where
-// a separate filter transform writes 16/9 of w to memory for the conv to read back (256 x
-// 256: 0.16 ms alone, 0.65 ms in a train step, where w and u are cold). flip: the input
+// a separate filter transform writes 16/9 of w to memory for the conv to read back (in a
+// train step, where w and u are cold, at several times its cost alone). flip: the input
 // gradient's conv (x is dy with Co channels; the transform of the flipped, transposed filter).
 ffi::Error ConvFilterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           bool flip, ffi::ResultBuffer<ffi::F32> y,

@@ -1,7 +1,6 @@
 // The register-blocked float32 GEMM shared by jaxmed's XLA:CPU kernels (cpu_conv.cc,
-// cpu_dense.cc): near the core's peak (230 GFLOP/s on one AVX-512 core), and every element
-// of C is summed over k in the order k = 0, 1, ... whatever the blocking, so results do not
-// depend on how the work is split.
+// cpu_dense.cc): near the core's peak, and every element of C is summed over k in the order
+// k = 0, 1, ... whatever the blocking, so results do not depend on how the work is split.
 #ifndef JAXMED_CPU_GEMM_H_
 #define JAXMED_CPU_GEMM_H_
 

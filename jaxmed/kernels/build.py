@@ -5,7 +5,12 @@ The C++ sources ship with the package and are compiled with the machine's C++ co
 keyed by source, jaxlib version, compiler and CPU, so a shared home directory serves
 machines of different kinds. Without a compiler, after a failed build, or when switched off
 by its environment variable, a kernel reports itself unavailable (one warning) and its
-caller uses the jnp/XLA path instead. Accelerators never build or call them.
+caller uses the jnp/XLA path instead.
+
+`kernels.dispatch` places a kernel only in the branch a computation takes when lowered for
+CPU, so nothing lowered for an accelerator calls one, whatever the host. A process whose
+default backend is an accelerator does not build them either: it rarely lowers for CPU, and
+then takes the jnp paths.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from pathlib import Path
 
 import jax
 import jaxlib
+
+from jaxmed.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +87,20 @@ class Kernel:
         out = kernel_dir() / f"{self.source.stem}-{key}.so"
         if out.exists():
             return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.so")
-        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), "-I", str(HERE), str(self.source),
-               "-o", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"compiling {self.source.name} failed ({' '.join(cmd)}):\n"
-                               f"{proc.stderr[-2000:]}")
-        os.replace(tmp, out)  # atomic: a concurrent process sees the old state or the whole file
+        # Atomic: a concurrent process sees no library or the whole of it.
+        with atomic_path(str(out)) as tmp:
+            cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), "-I", str(HERE), str(self.source),
+                   "-o", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"compiling {self.source.name} failed ({' '.join(cmd)}):\n"
+                                   f"{proc.stderr[-2000:]}")
         return out
 
     def available(self) -> bool:
-        """True when compiled and registered with XLA:CPU (built on the first call)."""
-        if os.environ.get(self.switch, "1").lower() in _OFF:
+        """True when compiled and registered with XLA:CPU (built on the first call); False
+        when switched off, or in a process whose default backend is not CPU."""
+        if os.environ.get(self.switch, "1").lower() in _OFF or jax.default_backend() != "cpu":
             return False
         with self._lock:
             if self._ok is None:

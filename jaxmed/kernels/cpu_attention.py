@@ -4,9 +4,10 @@ XLA:CPU runs fusions inside while loops on one core, so attention written in jnp
 streams the full logits through memory (unblocked) or uses one core (blocked). The kernel
 keeps a row of logits in L1 and spreads (batch x head) groups over XLA's intra-op threads.
 
-Compiled on first use (see cpu_kernels). Without a compiler, or with
+Compiled on first use (see kernels.build). Without a compiler, or with
 ``JAXMED_CPU_ATTENTION=0``, jaxmed falls back to its jnp attention (same results within
-float32 rounding; slower). Accelerators never use it.
+float32 rounding; slower). Chosen by `kernels.dispatch` only where a computation is lowered
+for CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmed.models.cpu_kernels import Kernel
+from jaxmed.kernels.build import Kernel
 
 _FWD, _BWD = "jaxmed_attention_fwd", "jaxmed_attention_bwd"
 KERNEL = Kernel("cpu_attention.cc", {_FWD: "JaxmedAttentionFwd", _BWD: "JaxmedAttentionBwd"},
@@ -52,3 +53,17 @@ def _bwd(scale, res, do):
 
 
 attention.defvjp(_fwd, _bwd)
+
+
+def multi_head(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+    """`attention` of (B, L, C) q, k, v split into ``heads`` heads, in float32 (the kernel
+    always upcasts), returned as (B, Lq, C) in q's dtype. Call `available()` first."""
+    b, lq, c = q.shape
+    lk = k.shape[1]
+    d = c // heads
+
+    def split(x, n):
+        return x.reshape(b, n, heads, d).transpose(0, 2, 1, 3).astype(jnp.float32)
+
+    out = attention(split(q, lq), split(k, lk), split(v, lk), d**-0.5)
+    return out.transpose(0, 2, 1, 3).reshape(b, lq, c).astype(q.dtype)

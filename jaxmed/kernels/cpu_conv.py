@@ -6,8 +6,9 @@ does the same work with 2.25x fewer multiplies. Results agree with `lax.conv` to
 rounding (about 1e-6 relative), and an example's output does not depend on the batch it
 is in (the kernel's order of summation is the same for every tile).
 
-Compiled on first use (see cpu_kernels). Without a compiler, or with
-``JAXMED_CPU_CONV=0``, jaxmed uses XLA's convolution. Accelerators never use it.
+Compiled on first use (see kernels.build). Without a compiler, or with
+``JAXMED_CPU_CONV=0``, jaxmed uses XLA's convolution. Chosen by `kernels.dispatch` only where
+a computation is lowered for CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxmed.models.cpu_kernels import Kernel
+from jaxmed.kernels.build import Kernel
 
 _FILTER, _CONV, _WGRAD = "jaxmed_winograd_filter", "jaxmed_winograd_conv", "jaxmed_winograd_wgrad"
 _CONV_FILTER = "jaxmed_winograd_conv_filter"
@@ -27,18 +28,19 @@ available = KERNEL.available
 
 
 # From this many channels in + out the kernel runs staged (see ConvImpl in cpu_conv.cc):
-# fwd + bwd at 16x16, 128 + 128: fused 1.04 vs staged 1.47 ms; 32x32, 640 + 640: 125 vs 77.
+# every fused block reads all 16 transformed filters, cheap for narrow layers; for wide
+# ones they no longer stay in cache (the crossover: bench/bench_conv.py).
 STAGED_CHANNELS = 640
 
 
 def wins(h: int, w: int, cin: int, cout: int) -> bool:
-    """Where the kernel beat XLA:CPU's convolution (fwd + both gradients, 2-core AVX-512
-    CPU, 2026-11; bench/bench_conv.py), decided per example so that an image never depends
-    on its batch: 32x32 maps and larger (64->64: 1.05 vs 3.0 ms, 2.9x) up to 640 + 640
-    channels (1.1x; 64x64 at 320: 1.5x); 8x8 and 16x16 maps from 256 to 768 channels in +
-    out (1.3-1.7x; 16x16 at 128 + 128: 1.6x), not wider (16x16 at 640 + 640: 0.7x: the
-    transformed filters outweigh the multiplies saved) nor narrower at 8x8, and never below
-    8x8 (4x4 at 256: 0.87x). Channels must be multiples of 16 (the kernel's vector width).
+    """Where the kernel beat XLA:CPU's convolution (fwd + both gradients; bench/bench_conv.py
+    has the figures), decided per example so that an image never depends on its batch:
+    32x32 maps and larger up to 640 + 640 channels (any width from 64x64); 8x8 and 16x16
+    maps from 256 to 768 channels in + out (16x16 also narrower), not wider (the transformed
+    filters outweigh the multiplies saved) nor narrower at 8x8, and never below 8x8 (too few
+    tiles to pay for the transforms). Channels must be multiples of 16 (the kernel's vector
+    width).
     """
     if cin % 16 or cout % 16 or h * w < 8 * 8:
         return False
@@ -53,10 +55,8 @@ def wins(h: int, w: int, cin: int, cout: int) -> bool:
 def _filter_inside(h: int, w: int, cin: int, cout: int) -> bool:
     """Whether the conv transforms the filter itself (ConvFilterImpl): on maps of 16x16 and
     smaller with more than 256 channels in + out, where the filter is large next to the
-    map (fwd / input gradient, ms, filter transform + conv vs inside: 8x8 at 256 -> 256
-    0.52 / 0.92 vs 0.49 / 0.63; 16x16 at 384 -> 128 1.07 / 1.37 vs 1.06 / 1.05; 16x16 at
-    128 -> 128 0.38 / 0.46 vs 0.40 / 0.45; 32x32 at 128 -> 128 1.23 / 1.35 vs 1.35 / 1.38).
-    The results are bitwise the same either way."""
+    map and a separate transform writes it out only for the conv to read it back
+    (bench/bench_conv.py). The results are bitwise the same either way."""
     return h * w <= 16 * 16 and cin + cout > 256
 
 
