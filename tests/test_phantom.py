@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from jaxmed.data import phantom as ph
-from jaxmed.data.labels import LABELS
+from jaxmed.data.labels import CSV_COLUMNS, LABELS
 from jaxmed.data.phantom import anatomy, findings
 
 N = 256  # test resolution: large enough to measure, fast to render
@@ -251,9 +251,7 @@ def test_make_dataset_writes_chexpert_csvs_split_by_patient(tmp_path):
     for split, path in paths.items():
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
-        assert rows[0] == ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding",
-                           "Cardiomegaly", "Lung Opacity", "Edema", "Pneumonia",
-                           "Pneumothorax", "Pleural Effusion", "Support Devices"]
+        assert rows[0] == list(CSV_COLUMNS)
         for r in rows[1:]:
             n_rows += 1
             assert r[0].startswith(f"phantom/{split}/patient") and r[0].endswith(
