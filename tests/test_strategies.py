@@ -25,7 +25,7 @@ from jaxmed import strategies, train
 from jaxmed.cli import load_config
 from jaxmed.models import clip_text, convert, unet, weights
 from jaxmed.strategies.base import StrategyError, flatten, leaf_kind, module_of
-from jaxmed.strategies.lora import PeftFormatError
+from jaxmed.strategies.peft import PeftFormatError
 
 TOL = 1e-4
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
