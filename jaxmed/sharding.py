@@ -10,8 +10,9 @@ rules work from 1 CPU to a pod slice (e.g. SD's 4-channel conv_in on an 8-way fs
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -163,5 +164,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def axis_rules():
-    """Context manager activating `LOGICAL_RULES` for nn.with_logical_constraint."""
+    """Context manager activating `LOGICAL_RULES` for nn.with_logical_constraint. Alone it
+    changes nothing: flax also needs a mesh set with ``jax.set_mesh`` (the deprecated
+    ``with mesh:`` is not enough); `activation_sharding` enters both."""
     return nn.logical_axis_rules(list(LOGICAL_RULES))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh) -> Iterator[None]:
+    """While active, `jaxmed.models.layers.constrain` shards activations by their logical
+    names (the batch axis over data x fsdp); outside it, constrain is a no-op. It acts when
+    a function is traced, so it must be active at a jitted function's first call (or its
+    ``.lower``), e.g. around the train step and the sampling function."""
+    with jax.set_mesh(mesh), axis_rules():
+        yield

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from jaxmed.models import clip_text as ct
 from jaxmed.models import convert
@@ -177,8 +178,6 @@ def test_config_round_trip(built):
     want = {k: tuple(v.shape) for k, v in built.torch_model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in again.state_dict().items()} == want
     # ... and our parameter tree has exactly these keys, with the text_model. prefix.
-    from flax import traverse_util
-
     ours = {convert.path_to_key(p): tuple(convert.to_torch_layout(p, np.zeros(v.shape)).shape)
             for p, v in traverse_util.flatten_dict(ct.abstract_params(built.config)).items()}
     assert ours == {ct.clip_text_key(k): s for k, s in want.items()}

@@ -1,6 +1,7 @@
-"""The strategy registry: SD 1.5 counts, peft parity and format, exports, zero-init, updates.
+"""The strategy registry: SD 1.5 counts, peft parity and format, exports, zero-init, errors.
+(The optimizer over each strategy: test_optim_strategies.py.)
 
-The model here is smaller than DESIGN.md's tiny UNet (one cross-attention level, no mid
+The model here is smaller than `jaxmed.models.tiny`'s test UNet (one cross-attention level, no mid
 block) plus a one-layer CLIP text tower: it has every kind of layer the strategies touch
 (to_q / to_k / to_v / to_out.0 in attn1 and attn2, GEGLU, resnets with shortcut convs,
 GroupNorm / LayerNorm, time embedding) and compiles in a few seconds, which keeps this file
@@ -14,18 +15,20 @@ from __future__ import annotations
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+import safetensors.numpy
 
 from jaxmed import inspect as jinspect
 from jaxmed import strategies, train
 from jaxmed.cli import load_config
 from jaxmed.models import clip_text, convert, unet, weights
-from jaxmed.strategies.base import StrategyError, flatten, leaf_kind, module_of
-from jaxmed.strategies.lora import PeftFormatError
+from jaxmed.models.layers import Linear
+from jaxmed.strategies.base import StrategyError, flatten, module_of
+from jaxmed.strategies.peft import PeftFormatError
 
 TOL = 1e-4
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -51,7 +54,7 @@ def _randomize(model, torch, seed):
     return model.eval()
 
 
-def _leaves(tree) -> dict[tuple, np.ndarray]:
+def leaves_of(tree) -> dict[tuple, np.ndarray]:
     return {(c, *p): np.asarray(v) for c, sub in tree.items() for p, v in flatten(sub).items()}
 
 
@@ -156,7 +159,7 @@ def base(tiny):
     return out, ctx
 
 
-def _optim(**kw):
+def optim_config(**kw):
     cfg = load_config("configs/finetune.py:lora").optim
     with cfg.unlocked():
         for k, v in kw.items():
@@ -165,9 +168,9 @@ def _optim(**kw):
 
 
 # ---------------------------------------------------------------------------------------
-# SD 1.5 counts (SEED.md), abstract shapes only
+# SD 1.5 counts (docs/STUDY.md "Parameter counts of SD 1.5"), abstract shapes only
 
-SEED = {  # strategy (options) -> trainable per component
+SD15_COUNTS = {  # strategy (options) -> trainable per component
     ("unet", ()): {"unet": 859_520_964},
     ("vae", ()): {"vae": 83_653_863},
     ("text", ()): {"text_encoder": 123_060_480},
@@ -189,10 +192,10 @@ def sd15():
     return jinspect.abstract_params(jinspect.arch_configs("sd15"))
 
 
-@pytest.mark.parametrize("name,opts", list(SEED), ids=lambda v: str(v) if v else "")
+@pytest.mark.parametrize("name,opts", list(SD15_COUNTS), ids=lambda v: str(v) if v else "")
 def test_seed_counts(sd15, name, opts):
-    want = SEED[(name, opts)]
-    rep = jinspect.count_table(strategies.get(name, **dict(opts)), sd15, _optim())
+    want = SD15_COUNTS[(name, opts)]
+    rep = jinspect.count_table(strategies.get(name, **dict(opts)), sd15, optim_config())
     got = {c: r["trainable"] for c, r in rep["components"].items() if r["trainable"]}
     assert got == want
     assert rep["total"]["total"] == 1_066_235_307
@@ -228,8 +231,8 @@ def test_zero_init_is_bitwise_base(tiny, base, name):
     out, ctx, _ = tiny.run(name, s, tr, fr)
     assert np.array_equal(out, base[0]), np.abs(out - base[0]).max()
     exported = s.export(tr, fr)
-    for k, v in _leaves(tiny.params).items():
-        assert np.array_equal(_leaves(exported)[k], v), k
+    for k, v in leaves_of(tiny.params).items():
+        assert np.array_equal(leaves_of(exported)[k], v), k
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,7 +290,7 @@ def test_peft_parity_outputs(peft_case):
 
 def test_peft_parity_gradients(peft_case):
     c = peft_case
-    flat = _leaves(c["grads_j"])
+    flat = leaves_of(c["grads_j"])
     assert len(flat) == len(c["grads_t"]) == (3 if c["kind"] == "dora" else 2) * 24
     worst = 0.0
     for path, gj in flat.items():
@@ -363,10 +366,9 @@ def test_peft_text_encoder_adapter(tiny, tmp_path):
     ref = get_peft_model(tiny.torch_text(), LoraConfig(r=4, lora_alpha=8,
                                                        target_modules=["q_proj", "v_proj"]))
     ref.save_pretrained(str(tmp_path / "ref"))
-    from safetensors.numpy import load_file
-
-    ours = load_file(str(tmp_path / "text_encoder" / "adapter_model.safetensors"))
-    assert sorted(ours) == sorted(load_file(str(tmp_path / "ref" / "adapter_model.safetensors")))
+    ours = safetensors.numpy.load_file(str(tmp_path / "text_encoder" / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(safetensors.numpy.load_file(
+        str(tmp_path / "ref" / "adapter_model.safetensors")))
 
     model = PeftModel.from_pretrained(tiny.torch_text(), str(tmp_path / "text_encoder")).eval()
     with torch.no_grad():
@@ -391,10 +393,6 @@ def test_peft_text_encoder_adapter(tiny, tmp_path):
 def test_dropout_branch_matches_peft_formula(use_dora):
     """With dropout in training, the branch sees dropout(x) as in peft's forward: LoRA adds
     s * (x' A) B; DoRA adds (m/n - 1) * x' W + (m/n) * s * (x' A) B (x' = dropout(x))."""
-    import flax.linen as nn
-
-    from jaxmed.models.layers import Linear
-
     class Toy(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -483,149 +481,6 @@ def test_merged_export(tiny, base, name, tmp_path):
     s = strategies.get(name)
     tr, fr = _random_trainable(name, s, tiny)
     _check_export(tiny, base, name, s, tr, fr, str(tmp_path))
-
-
-# ---------------------------------------------------------------------------------------
-# Optimizer steps: only the intended leaves move; optimizer state only for trainable leaves
-
-
-def _expected_moved(name, params):
-    out = set()
-    for key, v in _leaves(params).items():
-        comp, path = key[0], key[1:]
-        if comp != "unet":
-            continue
-        mod = module_of(path)
-        kind = leaf_kind(path, v)
-        if (name == "unet"
-                or (name == "bitfit" and path[-1] == "bias")
-                or (name == "difffit" and kind in ("linear", "conv"))
-                or (name == "lora" and kind == "linear"
-                    and any(mod == t or mod.endswith("." + t) for t in TARGETS))
-                or (name == "attn" and any(mod == t or mod.endswith("." + t) for t in TARGETS))):
-            out.add(key)
-    return out
-
-
-@pytest.mark.parametrize("name", ["unet", "bitfit", "lora", "attn", "difffit"])
-def test_steps_move_only_intended_leaves(tiny, name):
-    s = strategies.get(name)
-    tr0, fr = s.init(tiny.params, jax.random.PRNGKey(0))
-    fr_before = jax.tree_util.tree_map(np.array, jax.device_get(fr))
-    tx = train.make_optimizer(s, tr0, _optim())
-    opt = tx.init(tr0)
-    # optimizer state: two moments per trainable leaf, nothing else but step counts
-    arrays = [x for x in jax.tree_util.tree_leaves(opt) if x.ndim > 0]
-    n_leaves = len(jax.tree_util.tree_leaves(tr0))
-    assert len(arrays) == 2 * n_leaves
-    assert sum(x.size for x in arrays) == 2 * strategies.count(tr0)
-    assert sum(x.size for x in jax.tree_util.tree_leaves(opt) if x.ndim == 0) == 1
-
-    @jax.jit
-    def update(g, opt, tr):
-        u, opt = tx.update(g, opt, tr)
-        return optax.apply_updates(tr, u), opt
-
-    tr = tr0
-    for _ in range(3):
-        _, _, g = tiny.run(name, s, tr, fr)
-        assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(tr0)
-        tr, opt = update(g, opt, tr)
-
-    # the frozen tree is untouched, bit for bit
-    for k, v in _leaves(fr_before).items():
-        assert np.array_equal(v, np.asarray(_leaves(fr)[k])), k
-    # every trainable leaf moved
-    before, after = _leaves(tr0), _leaves(tr)
-    assert all(not np.array_equal(before[k], after[k]) for k in before)
-    # in the effective (exported) weights, exactly the intended leaves moved
-    eff = _leaves(jax.device_get(s.export(tr, fr)))
-    orig = _leaves(tiny.params)
-    assert set(eff) == set(orig)
-    moved = {k for k in orig if not np.array_equal(eff[k], orig[k])}
-    assert moved == _expected_moved(name, tiny.params)
-    if name == "bitfit":
-        assert moved == {k for k in orig if k[0] == "unet" and k[-1] == "bias"}
-        assert set(before) == moved
-
-
-def test_guarded_adamw_equals_optax_and_skips_bad_steps():
-    """make_optimizer's AdamW (guard inside the moment update) against optax.adamw with
-    the same clipping and warm-up, over 3 steps; then a step with ok=False changes nothing."""
-    rng = np.random.default_rng(0)
-    params = {"a": jnp.asarray(rng.standard_normal((3, 5)), jnp.float32),
-              "b": jnp.asarray(rng.standard_normal((7,)), jnp.float32)}
-    s = strategies.get("unet")
-    cfg = _optim(clip_norm=1.0, warmup_steps=2, weight_decay=0.01)
-    lr = 1e-2
-    ours = train.make_optimizer(s, {"unet": params}, cfg, lrs={"unet": lr})
-    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, 2),
-                                  optax.constant_schedule(lr)], [2])
-    ref = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.01))
-    p_ours, p_ref = {"unet": params}, params
-    o_ours, o_ref = ours.init(p_ours), ref.init(p_ref)
-    step_ours = jax.jit(lambda g, o, p, ok: ours.update(g, o, p, ok=ok))
-    for i in range(3):
-        g = jax.tree_util.tree_map(lambda x, f=i + 1: jnp.sin(x * f) * 3, p_ref)
-        u, o_ours = step_ours({"unet": g}, o_ours, p_ours, True)
-        p_ours = optax.apply_updates(p_ours, u)
-        u, o_ref = ref.update(g, o_ref, p_ref)
-        p_ref = optax.apply_updates(p_ref, u)
-        for k in params:
-            np.testing.assert_allclose(p_ours["unet"][k], p_ref[k], rtol=1e-6, atol=1e-7)
-    g = jax.tree_util.tree_map(lambda x: x * jnp.nan, p_ref)
-    _, o_bad = step_ours({"unet": g}, o_ours, p_ours, False)
-
-    def adam_states(opt_state):
-        is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
-        return [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
-
-    adam, adam_before = adam_states(o_bad), adam_states(o_ours)
-    assert len(adam) == 1 and int(adam[0].count) == 3
-    for a, b in zip(jax.tree_util.tree_leaves(adam), jax.tree_util.tree_leaves(adam_before)):
-        np.testing.assert_array_equal(a, b)
-
-
-# ---------------------------------------------------------------------------------------
-# Gradient clipping covers adapters unless optim.clip_adapters=False
-
-
-@pytest.mark.parametrize("name", ["lora", "difffit-orig"])
-def test_clip_adapters_switch(tiny, name):
-    s = strategies.get(name)
-    tr, _ = s.init(tiny.params, jax.random.PRNGKey(0))
-    grads = jax.tree_util.tree_map(lambda v: jnp.full(v.shape, 10.0), tr)
-    adapters = s.adapter_mask(tr)
-
-    def norms(clip_adapters):
-        # b1 = b2 = 0 and a huge eps make AdamW a plain scaled SGD: update = -g / eps.
-        cfg = _optim(b1=0.0, b2=0.0, eps=1e6, weight_decay=0.0, clip_norm=1.0,
-                     clip_adapters=clip_adapters)
-        tx = train.make_optimizer(s, tr, cfg, lrs={"unet": 1.0})
-        u, _ = jax.jit(tx.update)(grads, tx.init(tr), tr)
-        u = jax.tree_util.tree_map(lambda x: -x * 1e6, u)  # back to the (clipped) gradient
-        pick = lambda tree, want: [x for x, a in zip(jax.tree_util.tree_leaves(tree),
-                                                     jax.tree_util.tree_leaves(adapters))
-                                   if a == want]
-        return (float(optax.tree.norm(pick(u, True))),
-                float(optax.tree.norm(pick(u, False))),
-                float(optax.tree.norm(u)))
-
-    g_ad = float(optax.tree.norm([x for x, a in zip(jax.tree_util.tree_leaves(grads),
-                                                      jax.tree_util.tree_leaves(adapters))
-                                    if a]))
-    g_rest = float(optax.tree.norm([x for x, a in zip(jax.tree_util.tree_leaves(grads),
-                                                        jax.tree_util.tree_leaves(adapters))
-                                      if not a]))
-    ad, rest, total = norms(True)
-    assert total == pytest.approx(1.0, rel=1e-3)  # everything clipped together
-    ad, rest, total = norms(False)
-    assert ad == pytest.approx(g_ad, rel=1e-3)  # adapters pass unclipped
-    if g_rest:
-        assert rest == pytest.approx(1.0, rel=1e-3)  # the rest is clipped on its own
-    else:
-        assert name == "lora"
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """jaxmed's UNet against PyTorch diffusers' UNet2DConditionModel (tiny configs, random weights)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,8 +178,6 @@ def test_full_size_params_match_diffusers(torch, raw):
 
 
 def test_abstract_variables_carry_logical_axes():
-    import flax.linen as nn
-
     boxed = abstract_variables(UNetConfig.from_dict(TINY_SD1))["params"]
     attn = boxed["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn1"]
     assert isinstance(attn["to_q"]["kernel"], nn.LogicallyPartitioned)

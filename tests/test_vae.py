@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from jaxmed.models import convert, vae
 
@@ -59,8 +60,6 @@ def _randomize(module, torch):
 
 
 def _flat_keys(params):
-    from flax import traverse_util
-
     return {convert.path_to_key(p): tuple(convert.to_torch_layout(p, np.zeros(v.shape)).shape)
             for p, v in traverse_util.flatten_dict(params).items()}
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxmed.models import clip_text, tiny, unet, vae, weights
-from jaxmed.models.convert import WeightMismatchError
+from jaxmed.models.convert import WeightMismatchError, params_to_state_dict
 from jaxmed.models.tokenizer import tokenize
 
 TOL = 1e-4
@@ -111,8 +113,6 @@ def test_diffusers_reads_what_jaxmed_writes(torch_pipeline, torch, tmp_path):
 
 
 def _leaves(tree):
-    import jax
-
     return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
 
 
@@ -126,8 +126,6 @@ def test_sharded_fp16_variant_from_diffusers(torch_pipeline, torch, tmp_path):
     assert sum(f.endswith(".safetensors") for f in files) > 1
     cfg, params = weights.load_component(str(tmp_path), "unet", variant="fp16")
     want = {k: v.half().float().numpy() for k, v in pipe.unet.state_dict().items()}
-    from jaxmed.models.convert import params_to_state_dict
-
     got = params_to_state_dict(params)
     assert set(got) == set(want)
     for k in want:
@@ -149,8 +147,6 @@ def test_pickle_only_with_opt_in(torch_pipeline, torch, tmp_path):
 
 
 def test_missing_component_is_named(torch_pipeline, tmp_path):
-    import shutil
-
     _, folder = torch_pipeline
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
@@ -163,8 +159,6 @@ def test_missing_component_is_named(torch_pipeline, tmp_path):
 
 
 def test_unsupported_block_type_names_file_and_key(torch_pipeline, tmp_path):
-    import shutil
-
     _, folder = torch_pipeline
     shutil.copytree(os.path.join(folder, "unet"), tmp_path / "unet")
     path = tmp_path / "unet" / "config.json"
@@ -178,8 +172,6 @@ def test_unsupported_block_type_names_file_and_key(torch_pipeline, tmp_path):
 
 
 def test_weight_shape_mismatch_names_file_and_key(torch_pipeline, tmp_path):
-    import shutil
-
     _, folder = torch_pipeline
     shutil.copytree(os.path.join(folder, "unet"), tmp_path / "unet")
     path = tmp_path / "unet" / "config.json"
@@ -193,8 +185,6 @@ def test_weight_shape_mismatch_names_file_and_key(torch_pipeline, tmp_path):
 
 
 def test_corrupt_safetensors_is_named(torch_pipeline, tmp_path):
-    import shutil
-
     _, folder = torch_pipeline
     shutil.copytree(os.path.join(folder, "vae"), tmp_path / "vae")
     f = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxmed import schedulers
-from jaxmed.models import clip_text, unet, vae, weights
+from jaxmed.models import clip_text, tiny, unet, vae, weights
+from jaxmed.models.tokenizer import tokenize
 
 BUNDLED = {"jaxmed:tiny-sd": os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                            "assets", "tiny-sd")}
@@ -61,8 +62,6 @@ class StableDiffusion:
         allow_pickle: bool = False,
     ) -> tuple[StableDiffusion, dict]:
         if path.startswith("random:"):  # a named tiny architecture, randomly initialised
-            from jaxmed.models import tiny
-
             name, _, res = path[len("random:"):].partition("@")
             cfgs = tiny.configs(name, int(res or 128))
             sd = cls.from_configs(cfgs, tiny.SD15_SCHEDULER, tiny.clip_tokenizer(), dtype=dtype,
@@ -132,8 +131,6 @@ class StableDiffusion:
         return self.unet.apply({"params": params}, latents, t, context)
 
     def tokenize(self, texts) -> jax.Array:
-        from jaxmed.models.tokenizer import tokenize
-
         if self.tokenizer is None:
             raise ValueError("this model was loaded without a tokenizer")
         return tokenize(self.tokenizer, texts)

@@ -5,11 +5,15 @@ SD pipelines tokenise to 77 tokens, padded to max length and truncated. SD 1.x p
 tokenizer_config says is used. `build_clip_bpe_tokenizer` rebuilds CLIP's real
 vocabulary from the ``bpe_simple_vocab_16e6.txt.gz`` that open_clip ships, for machines
 that cannot download a tokenizer.
+
+transformers is imported inside the functions that build a tokenizer: it is a heavy
+import, and importing jaxmed (or a model) should not pay for it.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -89,8 +93,6 @@ def build_clip_bpe_tokenizer(bpe_gz: str, out_dir: str, pad_token: str = "<|endo
 
 def open_clip_bpe_path() -> str:
     """Path of the BPE vocabulary that the open-clip-torch wheel ships."""
-    import importlib.util
-
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

@@ -27,13 +27,16 @@ import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from jaxmed.models import convert
+from jaxmed.files import atomic_path, write_json
+from jaxmed.models import clip_text, convert, unet, vae
+from jaxmed.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +57,33 @@ class ComponentSpec:
     class_name: str
     weights_base: str  # file stem of the weights, before [.variant].safetensors
     config_name: str = "config.json"
-    module: str = ""  # jaxmed module holding Config / abstract_params
+    module: ModuleType | None = None  # jaxmed module holding Config / abstract_params
     config_cls: str = ""
     ignore_unexpected: tuple[str, ...] = ()
     key_fixer: str | None = None  # function in `module` renaming legacy keys
 
-    def _mod(self):
-        import importlib
-
-        return importlib.import_module(self.module)
-
     def config_from_dict(self, d: Mapping[str, Any]):
-        return getattr(self._mod(), self.config_cls).from_dict(d)
+        return getattr(self.module, self.config_cls).from_dict(d)
 
     def abstract_params(self, config):
-        return self._mod().abstract_params(config)
+        return self.module.abstract_params(config)
 
     def fix_key(self) -> Callable[[str], str]:
-        return getattr(self._mod(), self.key_fixer) if self.key_fixer else (lambda k: k)
+        return getattr(self.module, self.key_fixer) if self.key_fixer else (lambda k: k)
 
 
 COMPONENTS: dict[str, ComponentSpec] = {
     "unet": ComponentSpec(
         "unet", "diffusers", "UNet2DConditionModel", "diffusion_pytorch_model",
-        module="jaxmed.models.unet", config_cls="UNetConfig",
+        module=unet, config_cls="UNetConfig",
     ),
     "vae": ComponentSpec(
         "vae", "diffusers", "AutoencoderKL", "diffusion_pytorch_model",
-        module="jaxmed.models.vae", config_cls="VAEConfig", key_fixer="legacy_vae_key",
+        module=vae, config_cls="VAEConfig", key_fixer="legacy_vae_key",
     ),
     "text_encoder": ComponentSpec(
         "text_encoder", "transformers", "CLIPTextModel", "model",
-        module="jaxmed.models.clip_text", config_cls="CLIPTextConfig",
+        module=clip_text, config_cls="CLIPTextConfig",
         ignore_unexpected=(r"position_ids$",), key_fixer="clip_text_key",
     ),
 }
@@ -308,7 +306,7 @@ def save_component(
     cfg = dict(config.to_dict())
     if spec.library == "diffusers":
         cfg = {"_class_name": spec.class_name, "_diffusers_version": DIFFUSERS_VERSION, **cfg}
-    _write_json(os.path.join(out, spec.config_name), cfg)
+    write_json(os.path.join(out, spec.config_name), cfg)
     state = convert.params_to_state_dict(params)
     if dtype is not None:
         state = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v
@@ -339,7 +337,8 @@ def write_safetensors_sharded(
     meta = {"format": "pt"}
     if len(shards) == 1:
         path = os.path.join(out, _add_variant(f"{base}.safetensors", variant))
-        _atomic(path, lambda p: safetensors.numpy.save_file(shards[0], p, metadata=meta))
+        with atomic_path(path) as tmp:
+            safetensors.numpy.save_file(shards[0], tmp, metadata=meta)
         return [path]
     n = len(shards)
     weight_map, paths = {}, []
@@ -348,24 +347,14 @@ def write_safetensors_sharded(
             ".safetensors", f"-{i:05d}-of-{n:05d}.safetensors"
         )
         path = os.path.join(out, fname)
-        _atomic(path, lambda p, s=shard: safetensors.numpy.save_file(s, p, metadata=meta))
+        with atomic_path(path) as tmp:
+            safetensors.numpy.save_file(shard, tmp, metadata=meta)
         weight_map.update(dict.fromkeys(shard, fname))
         paths.append(path)
     index = {"metadata": {"total_size": int(sum(v.nbytes for v in state.values()))},
              "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(os.path.join(out, _add_variant(f"{base}.safetensors.index.json", variant)), index)
+    write_json(os.path.join(out, _add_variant(f"{base}.safetensors.index.json", variant)), index)
     return paths
-
-
-def _atomic(path: str, write: Callable[[str], Any]) -> None:
-    """Nothing half-written is ever taken for a checkpoint: write, then rename."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    _atomic(path, lambda p: open(p, "w").write(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
 @dataclass
@@ -406,8 +395,6 @@ def load_pipeline(
     scheduler_config = read_config(sched_dir, "scheduler_config.json")
     tok = None
     if tokenizer:
-        from jaxmed.models.tokenizer import load_tokenizer
-
         tok = load_tokenizer(component_dir(folder, "tokenizer"))
     return Pipeline(configs, params, scheduler_config, tok, model_index, folder)
 
@@ -434,7 +421,7 @@ def save_pipeline(
     sched.setdefault("_class_name", scheduler_class)
     sched.setdefault("_diffusers_version", DIFFUSERS_VERSION)
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), sched)
+    write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), sched)
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     index = {
@@ -450,7 +437,7 @@ def save_pipeline(
         index[name] = [COMPONENTS[name].library, COMPONENTS[name].class_name]
     if tokenizer is not None:
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-    _write_json(os.path.join(folder, MODEL_INDEX), dict(sorted(index.items())))
+    write_json(os.path.join(folder, MODEL_INDEX), dict(sorted(index.items())))
     return folder
 
 
@@ -461,7 +448,7 @@ def resolve_model_path(path: str) -> str:
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path):
         try:
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import snapshot_download  # only to download: optional
 
             return snapshot_download(
                 path,

@@ -1,7 +1,8 @@
 """The one registry of fine-tuning strategies: a name in a config -> a `Strategy`.
 
-The study's 11 (SEED.md): unet, text, vae, unet+text, unet+vae, vae+text, unet+vae+text,
-lora, dora, bitfit, difffit. Beyond the study: difffit-orig, svdiff, attn.
+The study's 11 (docs/STUDY.md "The 11 strategies and their hyperparameters"): unet, text,
+vae, unet+text, unet+vae, vae+text, unet+vae+text, lora, dora, bitfit, difffit. Beyond the
+study: difffit-orig, svdiff, attn.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 
 from jaxmed.strategies import bitfit as _bitfit
 from jaxmed.strategies import difffit as _difffit
+from jaxmed.strategies import dora as _dora
 from jaxmed.strategies import full as _full
 from jaxmed.strategies import lora as _lora
 from jaxmed.strategies import svdiff as _svdiff
@@ -33,7 +35,7 @@ EXTRAS = ("difffit-orig", "svdiff", "attn")
 _FACTORIES: dict[str, Callable[..., Strategy]] = {
     **{n: functools.partial(_full.full, n) for n in _full.STUDY_FULL},
     "lora": _lora.lora,
-    "dora": _lora.dora,
+    "dora": _dora.dora,
     "bitfit": _bitfit.bitfit,
     "difffit": _difffit.difffit,
     "difffit-orig": _difffit.difffit_orig,

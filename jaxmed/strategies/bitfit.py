@@ -6,7 +6,8 @@ from jaxmed.strategies.base import MaskStrategy
 
 
 def bitfit(lr: float = 1e-4, components: tuple[str, ...] = ("unet",)) -> MaskStrategy:
-    # Every bias: conv, linear, GroupNorm and LayerNorm (SEED.md: 343,684 in SD 1.5's UNet).
+    # Every bias: conv, linear, GroupNorm and LayerNorm (343,684 in SD 1.5's UNet: docs/STUDY.md
+    # "Parameter counts of SD 1.5").
     return MaskStrategy(
         name="bitfit",
         description="biases only (conv, linear, GroupNorm, LayerNorm) of " + "+".join(components),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from jaxmed.strategies.base import MaskStrategy, StrategyError, match_targets, module_of
 
-# The study's learning rates (SEED.md): the UNet at 1e-5; the text encoder at 5e-6 alone,
-# 1e-6 beside the UNet; the VAE at 1e-6.
+# The study's learning rates (docs/STUDY.md "The 11 strategies and their hyperparameters"):
+# the UNet at 1e-5; the text encoder at 5e-6 alone, 1e-6 beside the UNet; the VAE at 1e-6.
 STUDY_FULL = {
     "unet": {"unet": 1e-5},
     "text": {"text_encoder": 5e-6},
