@@ -33,7 +33,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxmed import schedulers, sharding
+from jaxmed import sharding
+from jaxmed.diffusion.schedule import add_noise, training_target
 from jaxmed import strategies as strategies_lib
 from jaxmed.checkpoint import Checkpointer, abstract_like
 from jaxmed.models.sd import StableDiffusion
@@ -110,8 +111,8 @@ def diffusion_loss(sd: StableDiffusion, strategy: Strategy, trainable: Any, froz
             r_off, (latents.shape[0], 1, 1, latents.shape[-1]), latents.dtype)
     n_train = sd.schedule.alphas_cumprod.shape[0]
     t = jax.random.randint(r_t, (latents.shape[0],), 0, n_train)
-    noisy = schedulers.add_noise(sd.schedule, latents, noise, t)
-    target = schedulers.training_target(sd.schedule, prediction_type, latents, noise, t)
+    noisy = add_noise(sd.schedule, latents, noise, t)
+    target = training_target(sd.schedule, prediction_type, latents, noise, t)
     with intercept("unet"):
         pred = sd.predict(params["unet"], noisy, t, context)
     diff_loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))

@@ -1,4 +1,4 @@
-"""jaxmed.schedulers against diffusers' PyTorch schedulers (CPU, float32, tiny arrays)."""
+"""jaxmed.diffusion against diffusers' PyTorch schedulers (CPU, float32, tiny arrays)."""
 
 import json
 
@@ -15,7 +15,7 @@ from diffusers import (
     PNDMScheduler,
 )
 
-from jaxmed import schedulers as S
+from jaxmed.diffusion import schedule as S
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
 SD15 = {

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmed import schedulers
+from jaxmed.diffusion import schedule as noise_schedule
 from jaxmed.models import clip_text, unet, vae, weights
 
 BUNDLED = {"jaxmed:tiny-sd": os.path.join(os.path.dirname(os.path.dirname(__file__)),
@@ -45,7 +45,7 @@ class StableDiffusion:
     unet: unet.UNet2DConditionModel
     vae: vae.AutoencoderKL
     text_encoder: clip_text.CLIPTextModel
-    schedule: schedulers.NoiseSchedule
+    schedule: noise_schedule.NoiseSchedule
     scheduler_config: dict
     tokenizer: Any
     path: str = ""
@@ -84,7 +84,7 @@ class StableDiffusion:
             unet=unet.UNet2DConditionModel(configs["unet"], dtype=dt, remat=remat),
             vae=vae.AutoencoderKL(configs["vae"], dtype=dt, remat=remat),
             text_encoder=clip_text.CLIPTextModel(configs["text_encoder"], dtype=dt, remat=remat),
-            schedule=schedulers.from_config(scheduler_config),
+            schedule=noise_schedule.from_config(scheduler_config),
             scheduler_config=dict(scheduler_config),
             tokenizer=tokenizer,
             path=path,
