@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxmed.diffusion import schedule as schedulers
+from jaxmed.diffusion import samplers as schedulers
 from jaxmed.data.captions import LABEL_COLUMNS, caption_from_labels
 from jaxmed.models.sd import StableDiffusion
 

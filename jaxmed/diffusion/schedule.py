@@ -1,29 +1,19 @@
-"""Noise schedules and samplers (DDPM, DDIM, PNDM, DPM-Solver++ 2M) as pure JAX functions.
+"""Noise schedules: a diffusers ``scheduler_config.json`` -> betas, ``alphas_cumprod``, and the
+forward process the trainer noises latents with.
 
-Everything a sampler needs at a step lives in a small pytree *state* (constants such as the
-timestep table and ``alphas_cumprod`` plus the running history), so ``step`` is a pure
-function usable under ``jax.jit``, ``lax.scan`` and ``lax.fori_loop``::
-
-    sampler = make_sampler("pndm", from_pretrained("runwayml-sd15"), 50)
-    state = sampler.init_state(latents, key)
-    for i in range(len(sampler.timesteps)):                 # or sample_loop(...) with lax.scan
-        eps = unet(latents, sampler.timesteps[i])
-        latents, state = sampler.step(state, eps, i, latents)
-
-``i`` is the index into ``sampler.timesteps`` (not the timestep value). Configuration is a
-diffusers ``scheduler_config.json`` dict; keys a sampler does not read are ignored (as diffusers
-does), keys missing from it take that diffusers scheduler class's default, and values we do not
-implement raise ``ValueError`` naming the key and the value. Results match diffusers'
-schedulers step for step in float32 (see tests/test_schedulers.py).
+Configuration is a diffusers ``scheduler_config.json`` dict; keys a sampler does not read are
+ignored (as diffusers does), keys missing from it take that diffusers scheduler class's
+default, and values we do not implement raise ``ValueError`` naming the key and the value.
+The samplers that step these schedules are in `jaxmed.diffusion.samplers`. Results match
+diffusers' schedulers step for step in float32 (see tests/test_schedulers.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -32,36 +22,16 @@ import numpy as np
 from flax import struct
 
 __all__ = [
-    "SAMPLERS",
-    "DDIMState",
-    "DDPMState",
-    "DPMSolverState",
     "NoiseSchedule",
-    "PNDMState",
-    "Sampler",
     "add_noise",
-    "ddim_set_timesteps",
-    "ddim_step",
-    "ddpm_set_timesteps",
-    "ddpm_step",
-    "dpmpp_2m_set_timesteps",
-    "dpmpp_2m_step",
     "from_config",
     "from_pretrained",
     "get_velocity",
-    "init_noise_sigma",
     "load_config",
-    "make_sampler",
-    "pndm_set_timesteps",
-    "pndm_step",
-    "sample_loop",
     "training_target",
 ]
 
 CONFIG_NAME = "scheduler_config.json"
-
-# Every sampler here starts from unit-variance Gaussian noise.
-init_noise_sigma = 1.0
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -175,11 +145,11 @@ def _check_choice(name: str, key: str, value: Any) -> None:
         )
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -187,18 +157,18 @@ def _check_numbers(cfg: Mapping[str, Any]) -> None:
     def bad(key: str, why: str) -> ValueError:
         return ValueError(f"scheduler config: unsupported {key}={cfg[key]!r} ({why})")
 
-    if not _is_int(cfg["num_train_timesteps"]) or cfg["num_train_timesteps"] < 2:
+    if not is_int(cfg["num_train_timesteps"]) or cfg["num_train_timesteps"] < 2:
         raise bad("num_train_timesteps", "need an integer >= 2")
-    if not _is_int(cfg["steps_offset"]) or cfg["steps_offset"] < 0:
+    if not is_int(cfg["steps_offset"]) or cfg["steps_offset"] < 0:
         raise bad("steps_offset", "need an integer >= 0")
     for key in ("beta_start", "beta_end"):
-        if not _is_number(cfg[key]) or not 0.0 <= cfg[key] < 1.0:
+        if not is_number(cfg[key]) or not 0.0 <= cfg[key] < 1.0:
             raise bad(key, "need a number in [0, 1)")
     if "clip_sample_range" in cfg and (
-        not _is_number(cfg["clip_sample_range"]) or cfg["clip_sample_range"] <= 0
+        not is_number(cfg["clip_sample_range"]) or cfg["clip_sample_range"] <= 0
     ):
         raise bad("clip_sample_range", "need a positive number")
-    if "lambda_min_clipped" in cfg and not _is_number(cfg["lambda_min_clipped"]):
+    if "lambda_min_clipped" in cfg and not is_number(cfg["lambda_min_clipped"]):
         raise bad("lambda_min_clipped", "need a number")
     tb = cfg["trained_betas"]
     if tb is not None:
@@ -210,7 +180,7 @@ def _check_numbers(cfg: Mapping[str, Any]) -> None:
             raise bad("trained_betas", "need num_train_timesteps numbers in [0, 1)")
 
 
-def _resolve(name: str, config: Mapping[str, Any] | NoiseSchedule) -> dict[str, Any]:
+def resolve_config(name: str, config: Mapping[str, Any] | NoiseSchedule) -> dict[str, Any]:
     """Config values one sampler reads: its diffusers class defaults, overridden by `config`."""
     raw = config.config if isinstance(config, NoiseSchedule) else config
     if not isinstance(raw, Mapping):
@@ -324,15 +294,15 @@ class NoiseSchedule:
         return dict(self.frozen_config).get("prediction_type", "epsilon")
 
 
-def _schedule_np(cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def numpy_schedule(cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     betas = _betas_np(cfg)
     return betas, _cumprod_f32(np.float32(1.0) - betas)
 
 
 def from_config(config: Mapping[str, Any]) -> NoiseSchedule:
     """Build the noise schedule from a diffusers scheduler config dict (validated)."""
-    cfg = _resolve("*", config)
-    betas, acp = _schedule_np(cfg)
+    cfg = resolve_config("*", config)
+    betas, acp = numpy_schedule(cfg)
     return NoiseSchedule(jnp.asarray(betas), jnp.asarray(acp), _freeze(config))
 
 
@@ -417,12 +387,11 @@ def training_target(
         "(supported: 'epsilon', 'v_prediction', 'sample')"
     )
 
+# ----------------------------------------------------------------------------- sampler helpers
 
-# ----------------------------------------------------------------------------- helpers
 
-
-def _check_steps(cfg: Mapping[str, Any], n: int) -> None:
-    if not _is_int(n) or n < 1:
+def check_steps(cfg: Mapping[str, Any], n: int) -> None:
+    if not is_int(n) or n < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
     if n > cfg["num_train_timesteps"]:
         raise ValueError(
@@ -430,601 +399,13 @@ def _check_steps(cfg: Mapping[str, Any], n: int) -> None:
         )
 
 
-def _spaced_timesteps(cfg: Mapping[str, Any], n: int) -> np.ndarray:
-    """Descending inference timesteps as diffusers' DDPM/DDIM compute them."""
-    t_train, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
-    if spacing == "linspace":
-        ts = np.linspace(0, t_train - 1, n).round()[::-1]
-    elif spacing == "leading":
-        ts = (np.arange(0, n) * (t_train // n)).round()[::-1] + cfg["steps_offset"]
-    else:  # trailing
-        ts = np.round(np.arange(t_train, 0, -t_train / n)) - 1
-    return np.ascontiguousarray(ts).astype(np.int64)
 
-
-def _shape_dtype(sample: Any) -> tuple[tuple[int, ...], Any]:
+def shape_dtype(sample: Any) -> tuple[tuple[int, ...], Any]:
     if isinstance(sample, (tuple, list)):
         return tuple(sample), jnp.float32
     return tuple(sample.shape), sample.dtype
 
 
-def _alpha_at(acp: jax.Array, t: jax.Array, fallback: jax.Array) -> jax.Array:
+def alpha_at(acp: jax.Array, t: jax.Array, fallback: jax.Array) -> jax.Array:
     # alphas_cumprod[t] for t >= 0, else `fallback`: a negative index must not wrap around.
     return jnp.where(t >= 0, acp[jnp.maximum(t, 0)], fallback)
-
-
-def _x0_and_eps(
-    prediction_type: str, model_output: jax.Array, sample: jax.Array, a_t: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    b_t = 1 - a_t
-    if prediction_type == "epsilon":
-        return (sample - b_t**0.5 * model_output) / a_t**0.5, model_output
-    if prediction_type == "v_prediction":
-        x0 = a_t**0.5 * sample - b_t**0.5 * model_output
-        return x0, a_t**0.5 * model_output + b_t**0.5 * sample
-    x0 = model_output  # "sample"
-    return x0, (sample - a_t**0.5 * x0) / b_t**0.5
-
-
-def _noise_for(key: jax.Array | None, i: jax.Array, like: jax.Array, who: str) -> jax.Array:
-    if key is None:
-        raise ValueError(f"{who} needs random noise: pass key= to init_state/set_timesteps")
-    # fold_in by step index: the noise does not depend on how the loop is written.
-    return jax.random.normal(jax.random.fold_in(key, i), like.shape, like.dtype)
-
-
-# ----------------------------------------------------------------------------- DDPM
-
-
-@struct.dataclass
-class DDPMState:
-    timesteps: jax.Array  # (N,) int32, descending
-    alphas_cumprod: jax.Array  # (T,) float32
-    key: jax.Array | None
-    prediction_type: str = struct.field(pytree_node=False, default="epsilon")
-    variance_type: str = struct.field(pytree_node=False, default="fixed_small")
-    clip_sample: bool = struct.field(pytree_node=False, default=False)
-    clip_sample_range: float = struct.field(pytree_node=False, default=1.0)
-
-
-def _ddpm_timesteps(cfg: Mapping[str, Any], n: int) -> np.ndarray:
-    _check_steps(cfg, n)
-    return _spaced_timesteps(cfg, n)
-
-
-def _ddpm_init(cfg, timesteps, sample, key=None) -> DDPMState:
-    del sample
-    _, acp = _schedule_np(cfg)
-    return DDPMState(
-        timesteps=jnp.asarray(timesteps, jnp.int32),
-        alphas_cumprod=jnp.asarray(acp),
-        key=key,
-        prediction_type=cfg["prediction_type"],
-        variance_type=cfg["variance_type"],
-        clip_sample=cfg["clip_sample"],
-        clip_sample_range=float(cfg["clip_sample_range"]),
-    )
-
-
-def ddpm_set_timesteps(
-    config: Mapping[str, Any] | NoiseSchedule,
-    num_inference_steps: int,
-    sample: Any = None,
-    key: jax.Array | None = None,
-) -> tuple[jax.Array, DDPMState]:
-    """Timesteps (as diffusers' DDPMScheduler.set_timesteps) and the initial DDPM state.
-
-    ``key`` seeds the per-step noise (ancestral sampling); ``sample`` is unused (API symmetry).
-    """
-    cfg = _resolve("ddpm", config)
-    ts = _ddpm_timesteps(cfg, num_inference_steps)
-    state = _ddpm_init(cfg, ts, sample, key)
-    return state.timesteps, state
-
-
-def ddpm_step(
-    state: DDPMState,
-    model_output: jax.Array,
-    i: jax.Array | int,
-    sample: jax.Array,
-    noise: jax.Array | None = None,
-) -> tuple[jax.Array, DDPMState]:
-    """One ancestral step x_t -> x_{t_prev} (diffusers DDPMScheduler.step).
-
-    ``i`` indexes ``state.timesteps``; the previous timestep is the next entry (or -1 after
-    the last). ``noise`` overrides the key-derived N(0, 1) draw.
-    """
-    ts, acp = state.timesteps, state.alphas_cumprod
-    n = ts.shape[0]
-    t = ts[i]
-    prev_t = jnp.where(i + 1 < n, ts[jnp.minimum(i + 1, n - 1)], -1)
-    a_t = acp[t]
-    a_prev = _alpha_at(acp, prev_t, jnp.float32(1.0))
-    b_t, b_prev = 1 - a_t, 1 - a_prev
-    cur_alpha = a_t / a_prev
-    cur_beta = 1 - cur_alpha
-
-    x0, _ = _x0_and_eps(state.prediction_type, model_output, sample, a_t)
-    if state.clip_sample:
-        x0 = jnp.clip(x0, -state.clip_sample_range, state.clip_sample_range)
-
-    # Posterior mean of q(x_{t_prev} | x_t, x0) (Ho et al. 2020, eq. 7).
-    x0_coef = (a_prev**0.5 * cur_beta) / b_t
-    xt_coef = cur_alpha**0.5 * b_prev / b_t
-    prev = x0_coef * x0 + xt_coef * sample
-
-    if noise is None:
-        noise = _noise_for(state.key, i, model_output, "DDPM sampling")
-    var = jnp.maximum(b_prev / b_t * cur_beta, 1e-20)
-    if state.variance_type == "fixed_small":
-        std = var**0.5
-    elif state.variance_type == "fixed_small_log":
-        std = jnp.exp(0.5 * jnp.log(var))
-    else:  # fixed_large
-        std = cur_beta**0.5
-    # No noise is added on the step that lands on t = 0 (the final, clean sample).
-    prev = jnp.where(t > 0, prev + std * noise, prev)
-    return prev.astype(sample.dtype), state
-
-
-# ----------------------------------------------------------------------------- DDIM
-
-
-@struct.dataclass
-class DDIMState:
-    timesteps: jax.Array  # (N,) int32, descending
-    alphas_cumprod: jax.Array  # (T,) float32
-    final_alpha_cumprod: jax.Array  # () float32: abar used when stepping past t = 0
-    key: jax.Array | None
-    step_ratio: int = struct.field(pytree_node=False, default=1)
-    prediction_type: str = struct.field(pytree_node=False, default="epsilon")
-    clip_sample: bool = struct.field(pytree_node=False, default=False)
-    clip_sample_range: float = struct.field(pytree_node=False, default=1.0)
-    eta: float = struct.field(pytree_node=False, default=0.0)
-    use_clipped_model_output: bool = struct.field(pytree_node=False, default=False)
-
-
-def _ddim_init(
-    cfg, timesteps, sample, key=None, eta=0.0, use_clipped_model_output=False
-) -> DDIMState:
-    del sample
-    if not _is_number(eta) or eta < 0:
-        raise ValueError(f"unsupported eta={eta!r} (need a number >= 0)")
-    _, acp = _schedule_np(cfg)
-    final = np.float32(1.0) if cfg["set_alpha_to_one"] else acp[0]
-    return DDIMState(
-        timesteps=jnp.asarray(timesteps, jnp.int32),
-        alphas_cumprod=jnp.asarray(acp),
-        final_alpha_cumprod=jnp.asarray(final, jnp.float32),
-        key=key,
-        # diffusers steps back by T // n whatever the spacing, so we do too.
-        step_ratio=cfg["num_train_timesteps"] // len(timesteps),
-        prediction_type=cfg["prediction_type"],
-        clip_sample=cfg["clip_sample"],
-        clip_sample_range=float(cfg["clip_sample_range"]),
-        eta=float(eta),
-        use_clipped_model_output=bool(use_clipped_model_output),
-    )
-
-
-def ddim_set_timesteps(
-    config: Mapping[str, Any] | NoiseSchedule,
-    num_inference_steps: int,
-    sample: Any = None,
-    key: jax.Array | None = None,
-    eta: float = 0.0,
-    use_clipped_model_output: bool = False,
-) -> tuple[jax.Array, DDIMState]:
-    """Timesteps (as diffusers' DDIMScheduler) and the initial DDIM state.
-
-    ``eta`` = 0 is deterministic DDIM; ``eta`` > 0 adds noise drawn from ``key``.
-    """
-    cfg = _resolve("ddim", config)
-    ts = _ddpm_timesteps(cfg, num_inference_steps)
-    state = _ddim_init(cfg, ts, sample, key, eta, use_clipped_model_output)
-    return state.timesteps, state
-
-
-def ddim_step(
-    state: DDIMState,
-    model_output: jax.Array,
-    i: jax.Array | int,
-    sample: jax.Array,
-    noise: jax.Array | None = None,
-) -> tuple[jax.Array, DDIMState]:
-    """One DDIM step (Song et al. 2021, eq. 12), as diffusers DDIMScheduler.step."""
-    acp = state.alphas_cumprod
-    t = state.timesteps[i]
-    prev_t = t - state.step_ratio
-    a_t = acp[t]
-    a_prev = _alpha_at(acp, prev_t, state.final_alpha_cumprod)
-    b_t = 1 - a_t
-
-    x0, eps = _x0_and_eps(state.prediction_type, model_output, sample, a_t)
-    if state.clip_sample:
-        x0 = jnp.clip(x0, -state.clip_sample_range, state.clip_sample_range)
-
-    var = ((1 - a_prev) / b_t) * (1 - a_t / a_prev)
-    std = state.eta * var**0.5
-    if state.use_clipped_model_output:
-        eps = (sample - a_t**0.5 * x0) / b_t**0.5
-    direction = (1 - a_prev - std**2) ** 0.5 * eps
-    prev = a_prev**0.5 * x0 + direction
-    if state.eta > 0:
-        if noise is None:
-            noise = _noise_for(state.key, i, model_output, "DDIM with eta > 0")
-        prev = prev + std * noise
-    return prev.astype(sample.dtype), state
-
-
-# ----------------------------------------------------------------------------- PNDM (PLMS)
-
-
-@struct.dataclass
-class PNDMState:
-    timesteps: jax.Array  # (N + 1,) int32: the second timestep appears twice, see below
-    alphas_cumprod: jax.Array  # (T,) float32
-    final_alpha_cumprod: jax.Array  # () float32
-    ets: jax.Array  # (4, *sample) past model outputs, newest last; unused slots are zero
-    cur_sample: jax.Array  # x_T, kept for the second (corrector) evaluation
-    counter: jax.Array  # () int32: steps taken so far
-    step_ratio: int = struct.field(pytree_node=False, default=1)
-    prediction_type: str = struct.field(pytree_node=False, default="epsilon")
-
-
-def _pndm_timesteps(cfg: Mapping[str, Any], n: int) -> np.ndarray:
-    _check_steps(cfg, n)
-    t_train, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
-    if spacing == "linspace":
-        asc = np.linspace(0, t_train - 1, n).round().astype(np.int64)
-    elif spacing == "leading":
-        asc = (np.arange(0, n) * (t_train // n)).round() + cfg["steps_offset"]
-    else:  # trailing
-        asc = np.round(np.arange(t_train, 0, -t_train / n))[::-1].astype(np.int64) - 1
-    # PLMS is a 4-step multistep method with nothing to extrapolate from at the start. With
-    # skip_prk_steps diffusers replaces the Runge-Kutta warm-up by one improved-Euler step:
-    # step from t0 to t1 with eps(x_T, t0), evaluate eps at (x_t1, t1), then redo t0 -> t1
-    # from x_T with the average. That second evaluation at t1 is why t1 is listed twice.
-    plms = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1]
-    return np.ascontiguousarray(plms).astype(np.int64)
-
-
-def _pndm_init(cfg, timesteps, sample, num_inference_steps) -> PNDMState:
-    if sample is None:
-        raise ValueError("PNDM needs the sample shape for its history buffer: pass `sample`")
-    shape, dtype = _shape_dtype(sample)
-    _, acp = _schedule_np(cfg)
-    final = np.float32(1.0) if cfg["set_alpha_to_one"] else acp[0]
-    return PNDMState(
-        timesteps=jnp.asarray(timesteps, jnp.int32),
-        alphas_cumprod=jnp.asarray(acp),
-        final_alpha_cumprod=jnp.asarray(final, jnp.float32),
-        ets=jnp.zeros((4, *shape), dtype),
-        cur_sample=jnp.zeros(shape, dtype),
-        counter=jnp.zeros((), jnp.int32),
-        step_ratio=cfg["num_train_timesteps"] // num_inference_steps,
-        prediction_type=cfg["prediction_type"],
-    )
-
-
-def pndm_set_timesteps(
-    config: Mapping[str, Any] | NoiseSchedule,
-    num_inference_steps: int,
-    sample: Any,
-    key: jax.Array | None = None,
-) -> tuple[jax.Array, PNDMState]:
-    """Timesteps (``num_inference_steps + 1`` of them, as diffusers' PNDMScheduler with
-    skip_prk_steps=True) and the initial PLMS state sized for ``sample`` (array or shape)."""
-    del key
-    cfg = _resolve("pndm", config)
-    ts = _pndm_timesteps(cfg, num_inference_steps)
-    state = _pndm_init(cfg, ts, sample, num_inference_steps)
-    return state.timesteps, state
-
-
-def _pndm_prev_sample(state, sample, t, prev_t, model_output):
-    # Transfer x_t -> x_{t_prev} given eps (PNDM paper eq. 9; diffusers _get_prev_sample).
-    acp = state.alphas_cumprod
-    a_t = acp[t]
-    a_prev = _alpha_at(acp, prev_t, state.final_alpha_cumprod)
-    b_t, b_prev = 1 - a_t, 1 - a_prev
-    if state.prediction_type == "v_prediction":
-        model_output = a_t**0.5 * model_output + b_t**0.5 * sample
-    sample_coeff = (a_prev / a_t) ** 0.5
-    denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
-    return sample_coeff * sample - (a_prev - a_t) * model_output / denom
-
-
-def pndm_step(
-    state: PNDMState,
-    model_output: jax.Array,
-    i: jax.Array | int,
-    sample: jax.Array,
-) -> tuple[jax.Array, PNDMState]:
-    """One PLMS step (diffusers PNDMScheduler.step_plms), jit/scan friendly.
-
-    The stored history ``ets`` holds raw model outputs; the Adams-Bashforth order grows
-    1, (improved Euler), 2, 3, 4 over the first steps, selected by ``state.counter``.
-    """
-    c = state.counter
-    t = state.timesteps[i]
-    ratio = state.step_ratio
-    # Counter 1 is the corrector evaluation at the repeated timestep: it redoes the first
-    # step, so it goes from t + ratio to t, starting again from x_T, and is not appended to
-    # the history (diffusers keeps only the first of the two outputs at t0).
-    redo = c == 1
-    t_from = jnp.where(redo, t + ratio, t)
-    t_to = jnp.where(redo, t, t - ratio)
-    ets = jnp.where(redo, state.ets, jnp.concatenate([state.ets[1:], model_output[None]]))
-    x_from = jnp.where(redo, state.cur_sample, sample)
-    cur_sample = jnp.where(c == 0, sample, state.cur_sample)
-
-    e1, e2, e3, e4 = ets[3], ets[2], ets[1], ets[0]
-    branches = [
-        lambda: model_output,
-        lambda: (model_output + e1) / 2,
-        lambda: (3 * e1 - e2) / 2,
-        lambda: (23 * e1 - 16 * e2 + 5 * e3) / 12,
-        lambda: (1 / 24) * (55 * e1 - 59 * e2 + 37 * e3 - 9 * e4),
-    ]
-    # History length equals min(counter, 4) from counter 2 on, so the counter picks the order.
-    eps = jax.lax.switch(jnp.minimum(c, 4), branches)
-    prev = _pndm_prev_sample(state, x_from, t_from, t_to, eps)
-    new_state = state.replace(ets=ets, cur_sample=cur_sample, counter=c + 1)
-    return prev.astype(sample.dtype), new_state
-
-
-# ----------------------------------------------------------------------------- DPM-Solver++
-
-
-@struct.dataclass
-class DPMSolverState:
-    timesteps: jax.Array  # (N,) int32
-    sigmas: jax.Array  # (N + 1,) float32: sqrt((1 - abar) / abar) at each timestep, then final
-    model_outputs: jax.Array  # (2, *sample): previous and latest x0 predictions
-    lower_order_nums: jax.Array  # () int32: steps taken, capped at solver_order
-    prediction_type: str = struct.field(pytree_node=False, default="epsilon")
-    solver_order: int = struct.field(pytree_node=False, default=2)
-    solver_type: str = struct.field(pytree_node=False, default="midpoint")
-    first_order_final: bool = struct.field(pytree_node=False, default=True)
-
-
-def _dpm_alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
-    _, acp = _schedule_np(cfg)
-    if cfg["rescale_betas_zero_snr"]:
-        # As diffusers: a tiny abar instead of 0 at the last step keeps sigma finite.
-        acp = acp.copy()
-        acp[-1] = 2.0**-24
-    return acp
-
-
-def _dpm_timesteps(cfg: Mapping[str, Any], n: int) -> np.ndarray:
-    _check_steps(cfg, n)
-    t_train, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
-    acp = _dpm_alphas_cumprod(cfg)
-    lam = np.log(np.sqrt(acp)) - np.log(np.sqrt(np.float32(1) - acp))
-    clipped = int(np.searchsorted(np.flip(lam), np.float32(cfg["lambda_min_clipped"])))
-    last = t_train - clipped
-    # n + 1 points, dropping the final one: diffusers never evaluates the model at t ~ 0.
-    if spacing == "linspace":
-        ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + cfg["steps_offset"]
-    else:  # trailing
-        ts = np.arange(last, 0, -t_train / n).round() - 1
-    return np.ascontiguousarray(ts).astype(np.int64)
-
-
-def _dpm_init(cfg, timesteps, sample) -> DPMSolverState:
-    if sample is None:
-        raise ValueError("DPM-Solver needs the sample shape for its history: pass `sample`")
-    shape, dtype = _shape_dtype(sample)
-    acp = _dpm_alphas_cumprod(cfg)
-    sig_all = np.sqrt((np.float32(1) - acp) / acp)
-    if cfg["final_sigmas_type"] == "zero":
-        sig_last = np.float32(0.0)
-    else:  # sigma_min
-        sig_last = np.sqrt((np.float32(1) - acp[0]) / acp[0])
-    sigmas = np.concatenate([sig_all[timesteps], [sig_last]]).astype(np.float32)
-    n = len(timesteps)
-    first_order_final = bool(
-        cfg["euler_at_final"]
-        or (cfg["lower_order_final"] and n < 15)
-        or cfg["final_sigmas_type"] == "zero"
-    )
-    return DPMSolverState(
-        timesteps=jnp.asarray(timesteps, jnp.int32),
-        sigmas=jnp.asarray(sigmas),
-        model_outputs=jnp.zeros((2, *shape), dtype),
-        lower_order_nums=jnp.zeros((), jnp.int32),
-        prediction_type=cfg["prediction_type"],
-        solver_order=cfg["solver_order"],
-        solver_type=cfg["solver_type"],
-        first_order_final=first_order_final,
-    )
-
-
-def dpmpp_2m_set_timesteps(
-    config: Mapping[str, Any] | NoiseSchedule,
-    num_inference_steps: int,
-    sample: Any,
-    key: jax.Array | None = None,
-) -> tuple[jax.Array, DPMSolverState]:
-    """Timesteps (as diffusers' DPMSolverMultistepScheduler) and the initial solver state."""
-    del key
-    cfg = _resolve("dpmpp_2m", config)
-    ts = _dpm_timesteps(cfg, num_inference_steps)
-    state = _dpm_init(cfg, ts, sample)
-    return state.timesteps, state
-
-
-def _alpha_sigma(sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # From the VE sigma = sqrt((1-abar)/abar) back to VP alpha_t = sqrt(abar), sigma_t.
-    alpha = 1 / (sigma**2 + 1) ** 0.5
-    return alpha, sigma * alpha
-
-
-def dpmpp_2m_step(
-    state: DPMSolverState,
-    model_output: jax.Array,
-    i: jax.Array | int,
-    sample: jax.Array,
-) -> tuple[jax.Array, DPMSolverState]:
-    """One DPM-Solver++(2M) step (Lu et al. 2022), as diffusers DPMSolverMultistepScheduler.
-
-    The solver works on x0 predictions; the first step (no history yet) and, by default, the
-    last step (which lands on sigma = 0, where the log-SNR is infinite) are first order.
-    """
-    sigmas = state.sigmas
-    n = state.timesteps.shape[0]
-    alpha_s0, sigma_s0 = _alpha_sigma(sigmas[i])
-    alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
-
-    if state.prediction_type == "epsilon":
-        x0 = (sample - sigma_s0 * model_output) / alpha_s0
-    elif state.prediction_type == "v_prediction":
-        x0 = alpha_s0 * sample - sigma_s0 * model_output
-    else:  # sample
-        x0 = model_output
-    outputs = jnp.stack([state.model_outputs[1], x0.astype(state.model_outputs.dtype)])
-
-    lambda_t = jnp.log(alpha_t) - jnp.log(sigma_t)
-    lambda_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
-    h = lambda_t - lambda_s0
-
-    def first_order():
-        return (sigma_t / sigma_s0) * sample - (alpha_t * (jnp.exp(-h) - 1.0)) * x0
-
-    def second_order():
-        alpha_s1, sigma_s1 = _alpha_sigma(sigmas[jnp.maximum(i - 1, 0)])
-        lambda_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
-        r0 = (lambda_s0 - lambda_s1) / h
-        m0, m1 = outputs[1], outputs[0]
-        d0, d1 = m0, (1.0 / r0) * (m0 - m1)
-        if state.solver_type == "midpoint":
-            return (
-                (sigma_t / sigma_s0) * sample
-                - (alpha_t * (jnp.exp(-h) - 1.0)) * d0
-                - 0.5 * (alpha_t * (jnp.exp(-h) - 1.0)) * d1
-            )
-        return (  # heun
-            (sigma_t / sigma_s0) * sample
-            - (alpha_t * (jnp.exp(-h) - 1.0)) * d0
-            + (alpha_t * ((jnp.exp(-h) - 1.0) / h + 1.0)) * d1
-        )
-
-    if state.solver_order == 1:
-        prev = first_order()
-    else:
-        use_first = state.lower_order_nums < 1
-        if state.first_order_final:
-            use_first = use_first | (i == n - 1)
-        # cond, not where: the unused branch may divide by an infinite step size.
-        prev = jax.lax.cond(use_first, first_order, second_order)
-    new_state = state.replace(
-        model_outputs=outputs,
-        lower_order_nums=jnp.minimum(state.lower_order_nums + 1, state.solver_order),
-    )
-    return prev.astype(sample.dtype), new_state
-
-
-# ----------------------------------------------------------------------------- generic
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-    """A configured sampler: loop ``i`` over ``range(len(timesteps))``, call the model at
-    ``timesteps[i]`` and feed its output to ``step``.
-
-    Not a pytree: close over it in jitted code (its arrays become constants); the state
-    returned by ``init_state`` is the pytree to thread through ``lax.scan``.
-    """
-
-    name: str
-    timesteps: jax.Array
-    num_inference_steps: int
-    _init: Callable[..., Any] = dataclasses.field(repr=False)
-    _step: Callable[..., Any] = dataclasses.field(repr=False)
-    init_noise_sigma: float = init_noise_sigma
-
-    def init_state(self, sample: Any, key: jax.Array | None = None) -> Any:
-        """Initial state for samples shaped like ``sample`` (array or shape tuple). ``key``
-        seeds the noise of stochastic samplers (DDPM, DDIM with eta > 0)."""
-        return self._init(sample, key)
-
-    def step(self, state, model_output, i, sample, **kwargs):
-        """(prev_sample, new_state) from the model output at ``timesteps[i]``."""
-        return self._step(state, model_output, i, sample, **kwargs)
-
-    def scale_model_input(self, sample: jax.Array, i: Any = None) -> jax.Array:
-        """Identity for these samplers (kept for loops written against diffusers' API)."""
-        del i
-        return sample
-
-
-SAMPLERS = ("ddpm", "ddim", "pndm", "dpmpp_2m")
-
-
-def make_sampler(
-    name: str,
-    config: Mapping[str, Any] | NoiseSchedule,
-    num_inference_steps: int,
-    **options: Any,
-) -> Sampler:
-    """Sampler ``name`` in SAMPLERS, configured from a scheduler config dict or schedule.
-
-    ``options``: for 'ddim', ``eta`` and ``use_clipped_model_output``.
-    """
-    allowed = {"ddim": {"eta", "use_clipped_model_output"}}.get(name, set())
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
-    extra = set(options) - allowed
-    if extra:
-        raise ValueError(f"sampler {name!r} takes no option(s) {sorted(extra)}")
-    cfg = _resolve(name, config)
-    if name == "ddpm":
-        ts = _ddpm_timesteps(cfg, num_inference_steps)
-        init = lambda sample, key: _ddpm_init(cfg, ts, sample, key)  # noqa: E731
-        step = ddpm_step
-    elif name == "ddim":
-        ts = _ddpm_timesteps(cfg, num_inference_steps)
-        _ddim_init(cfg, ts, None, None, **options)  # validate options now
-        init = lambda sample, key: _ddim_init(cfg, ts, sample, key, **options)  # noqa: E731
-        step = ddim_step
-    elif name == "pndm":
-        ts = _pndm_timesteps(cfg, num_inference_steps)
-        init = lambda sample, key: _pndm_init(cfg, ts, sample, num_inference_steps)  # noqa: E731
-        step = pndm_step
-    else:
-        ts = _dpm_timesteps(cfg, num_inference_steps)
-        init = lambda sample, key: _dpm_init(cfg, ts, sample)  # noqa: E731
-        step = dpmpp_2m_step
-    return Sampler(name, jnp.asarray(ts, jnp.int32), len(ts), init, step)
-
-
-def sample_loop(
-    sampler: Sampler,
-    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    sample: jax.Array,
-    key: jax.Array | None = None,
-    *,
-    return_trajectory: bool = False,
-    unroll: int = 1,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Run the whole reverse process with ``lax.scan``: ``model_fn(x, t) -> model output``.
-
-    ``sample`` is the starting noise (already multiplied by ``init_noise_sigma``). Returns the
-    final sample, and with ``return_trajectory`` also every step's sample stacked on axis 0.
-    """
-    state = sampler.init_state(sample, key)
-
-    def body(carry, i):
-        x, st = carry
-        t = sampler.timesteps[i]
-        out = model_fn(sampler.scale_model_input(x, i), t)
-        x, st = sampler.step(st, out, i, x)
-        return (x, st), (x if return_trajectory else None)
-
-    idx = jnp.arange(sampler.num_inference_steps)
-    (x, _), traj = jax.lax.scan(body, (sample, state), idx, unroll=unroll)
-    return (x, traj) if return_trajectory else x
