@@ -20,8 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmed import inspect as jinspect
-from jaxmed import strategies, train
+from jaxmed import counts, strategies, train
 from jaxmed.cli import load_config
 from jaxmed.models import clip_text, convert, unet, weights
 from jaxmed.strategies.base import StrategyError, flatten, leaf_kind, module_of
@@ -186,13 +185,13 @@ SEED = {  # strategy (options) -> trainable per component
 
 @pytest.fixture(scope="module")
 def sd15():
-    return jinspect.abstract_params(jinspect.arch_configs("sd15"))
+    return counts.abstract_params(counts.arch_configs("sd15"))
 
 
 @pytest.mark.parametrize("name,opts", list(SEED), ids=lambda v: str(v) if v else "")
 def test_seed_counts(sd15, name, opts):
     want = SEED[(name, opts)]
-    rep = jinspect.count_table(strategies.get(name, **dict(opts)), sd15, _optim())
+    rep = counts.count_table(strategies.get(name, **dict(opts)), sd15, _optim())
     got = {c: r["trainable"] for c, r in rep["components"].items() if r["trainable"]}
     assert got == want
     assert rep["total"]["total"] == 1_066_235_307
@@ -205,7 +204,7 @@ def test_seed_counts(sd15, name, opts):
 
 
 def test_seed_counts_extras(sd15):
-    rep = {n: jinspect.count_table(strategies.get(n), sd15)["components"]["unet"]
+    rep = {n: counts.count_table(strategies.get(n), sd15)["components"]["unet"]
            for n in ("difffit-orig", "svdiff", "attn")}
     print({n: r["trainable"] for n, r in rep.items()})
     unet_total = 859_520_964

@@ -1,9 +1,9 @@
 r"""What a strategy trains, without weights: parameter counts and optimizer-state bytes.
 
-    python -m jaxmed.inspect --config configs/finetune.py:lora --config.model.arch=sd15
-    python -m jaxmed.inspect --config configs/finetune.py:dora --config.strategy.rank=4 \
+    python -m jaxmed.counts --config configs/finetune.py:lora --config.model.arch=sd15
+    python -m jaxmed.counts --config configs/finetune.py:dora --config.strategy.rank=4 \
         --config.model.arch=sd15 --json
-    python -m jaxmed.inspect --list
+    python -m jaxmed.counts --list
 
 Everything is abstract (``jax.eval_shape``): the model is built from its architecture
 (``config.model.arch``: sd15 | sd21 | test | tiny, or "" to read the three config.json files
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv, arch = _pop_arch(argv)
     try:
         config, args = parse(
-            argv, "python -m jaxmed.inspect", __doc__.split("\n\n")[0],
+            argv, "python -m jaxmed.counts", __doc__.split("\n\n")[0],
             workdir_required=False,
             extra=[("--json", {"action": "store_true", "help": "print JSON, not a table"}),
                    ("--list", {"action": "store_true", "help": "list the strategies"})])
