@@ -32,12 +32,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxmed import data as data_lib
 from jaxmed import sharding
 from jaxmed.cache import LatentCache, TextCache, params_hash
 from jaxmed.checkpoint import Checkpointer, TrainState, abstract_like
 from jaxmed.cli import ConfigError, enable_compilation_cache, parse
-from jaxmed.data import Batches, Captioner, phantom, prefetch_to_device
+from jaxmed.data import Batches, Captioner, prefetch_to_device
 from jaxmed.diffusion.sampling import generate, make_sample_fn
 from jaxmed.files import atomic_write, save_image
 from jaxmed.images import grid
@@ -151,6 +150,8 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
 
 def build_records(config: ml_collections.ConfigDict, workdir: str, split: str = "train"):
     """The configured dataset's `Records` for ``split`` ('train' | 'valid' | 'test')."""
+    from jaxmed import data as data_lib
+
     d = config.data
     max_records = d.max_images if d.max_images and d.max_images > 0 else None
     rewrite = ()
@@ -159,6 +160,8 @@ def build_records(config: ml_collections.ConfigDict, workdir: str, split: str = 
             raise ValueError(f"data.path_rewrite={d.path_rewrite!r}: write it as 'old=>new'")
         rewrite = tuple(d.path_rewrite.split("=>", 1))
     if d.kind == "phantom":
+        from jaxmed.data import phantom
+
         folder = d.phantom_dir or os.path.join(workdir, "phantom-data")
         csv = phantom.ensure_dataset(folder, n_patients=d.phantom_patients,
                                      resolution=max(d.resolution, 64), seed=config.seed)[split]

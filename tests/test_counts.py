@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from jaxmed import counts, strategies
+from jaxmed.models import tiny, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,8 +64,6 @@ def test_cli_subprocess_and_sd15_preset():
 
 def test_model_path_reads_configs_only(capsys, tmp_path):
     """arch "" reads the three config.json files of a diffusers folder; no weights needed."""
-    from jaxmed.models import tiny, weights
-
     cfgs = tiny.configs("test")
     for name, cfg in cfgs.items():
         spec = weights.COMPONENTS[name]

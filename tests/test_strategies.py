@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmed import counts, strategies, train
+from jaxmed import counts, optim, strategies
 from jaxmed.cli import load_config
 from jaxmed.models import clip_text, convert, unet, weights
 from jaxmed.strategies.base import StrategyError, flatten, leaf_kind, module_of
@@ -511,7 +511,7 @@ def test_steps_move_only_intended_leaves(tiny, name):
     s = strategies.get(name)
     tr0, fr = s.init(tiny.params, jax.random.PRNGKey(0))
     fr_before = jax.tree_util.tree_map(np.array, jax.device_get(fr))
-    tx = train.make_optimizer(s, tr0, _optim())
+    tx = optim.make_optimizer(s, tr0, _optim())
     opt = tx.init(tr0)
     # optimizer state: two moments per trainable leaf, nothing else but step counts
     arrays = [x for x in jax.tree_util.tree_leaves(opt) if x.ndim > 0]
@@ -557,7 +557,7 @@ def test_guarded_adamw_equals_optax_and_skips_bad_steps():
     s = strategies.get("unet")
     cfg = _optim(clip_norm=1.0, warmup_steps=2, weight_decay=0.01)
     lr = 1e-2
-    ours = train.make_optimizer(s, {"unet": params}, cfg, lrs={"unet": lr})
+    ours = optim.make_optimizer(s, {"unet": params}, cfg, lrs={"unet": lr})
     sched = optax.join_schedules([optax.linear_schedule(0.0, lr, 2),
                                   optax.constant_schedule(lr)], [2])
     ref = optax.chain(optax.clip_by_global_norm(1.0),
@@ -601,7 +601,7 @@ def test_clip_adapters_switch(tiny, name):
         # b1 = b2 = 0 and a huge eps make AdamW a plain scaled SGD: update = -g / eps.
         cfg = _optim(b1=0.0, b2=0.0, eps=1e6, weight_decay=0.0, clip_norm=1.0,
                      clip_adapters=clip_adapters)
-        tx = train.make_optimizer(s, tr, cfg, lrs={"unet": 1.0})
+        tx = optim.make_optimizer(s, tr, cfg, lrs={"unet": 1.0})
         u, _ = jax.jit(tx.update)(grads, tx.init(tr), tr)
         u = jax.tree_util.tree_map(lambda x: -x * 1e6, u)  # back to the (clipped) gradient
         pick = lambda tree, want: [x for x, a in zip(jax.tree_util.tree_leaves(tree),
@@ -684,5 +684,5 @@ def test_other_bad_inputs(tiny, tmp_path):
 def test_config_builds_every_strategy():
     for name in strategies.names():
         cfg = load_config(f"configs/finetune.py:{name}")
-        s = train.build_strategy(cfg.strategy)
+        s = strategies.build_strategy(cfg.strategy)
         assert s.name == name and s.learning_rates()

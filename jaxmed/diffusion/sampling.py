@@ -32,7 +32,6 @@ from jaxmed import sharding
 from jaxmed.diffusion import samplers
 from jaxmed.models.sd import StableDiffusion
 
-
 # ---------------------------------------------------------------------------------------
 # Noise and guidance
 
