@@ -5,4 +5,5 @@
     ddpm.py        DDPM (ancestral) and DDIM steps
     pndm.py        PNDM (PLMS) steps
     dpm_solver.py  DPM-Solver++(2M) steps
+    sampling.py    seeded noise, classifier-free guidance, the jitted sampling loop
 """
