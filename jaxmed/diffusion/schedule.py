@@ -391,6 +391,7 @@ def training_target(
 
 
 def check_steps(cfg: Mapping[str, Any], n: int) -> None:
+    """A sampler's step count: a positive integer, at most the training timesteps."""
     if not is_int(n) or n < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
     if n > cfg["num_train_timesteps"]:
@@ -399,8 +400,8 @@ def check_steps(cfg: Mapping[str, Any], n: int) -> None:
         )
 
 
-
 def shape_dtype(sample: Any) -> tuple[tuple[int, ...], Any]:
+    """(shape, dtype) of a sample array, or of a shape tuple (float32)."""
     if isinstance(sample, (tuple, list)):
         return tuple(sample), jnp.float32
     return tuple(sample.shape), sample.dtype
