@@ -1,7 +1,8 @@
 """The one registry of fine-tuning strategies: a name in a config -> a `Strategy`.
 
-The study's 11 (SEED.md): unet, text, vae, unet+text, unet+vae, vae+text, unet+vae+text,
-lora, dora, bitfit, difffit. Beyond the study: difffit-orig, svdiff, attn.
+The study's 11 (docs/STUDY.md "The 11 strategies and their hyperparameters"): unet, text,
+vae, unet+text, unet+vae, vae+text, unet+vae+text, lora, dora, bitfit, difffit. Beyond the
+study: difffit-orig, svdiff, attn.
 """
 
 from __future__ import annotations
