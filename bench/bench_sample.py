@@ -38,7 +38,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from jaxmed import sample  # noqa: E402
+from jaxmed.checkpoint import load_for_sampling  # noqa: E402
+from jaxmed.diffusion import sampling  # noqa: E402
 from jaxmed.models import clip_text, tiny, unet, vae, weights  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +84,7 @@ def bench_one(name: str, args) -> dict:
                ("Edema", "Cardiomegaly, Pleural Effusion", "Pneumothorax",
                 "No Finding")][: args.batch]
     prompts += prompts[:1] * (args.batch - len(prompts))
-    sd, params = sample.load_for_sampling(folder)
+    sd, params = load_for_sampling(folder)
     params = jax.device_put(params)
     cond = np.asarray(sd.tokenize(prompts))
     unc = np.asarray(sd.tokenize([""] * args.batch))
@@ -93,8 +94,8 @@ def bench_one(name: str, args) -> dict:
 
     outs = {}
     for label, micro in (("jaxmed", None), ("jaxmed_micro1", 1)):
-        fn = sample.make_sample_fn(sd, sampler="pndm", num_steps=args.steps,
-                                   guidance_scale=7.5, seed=0, micro_batch=micro)
+        fn = sampling.make_sample_fn(sd, sampler="pndm", num_steps=args.steps,
+                                     guidance_scale=7.5, seed=0, micro_batch=micro)
         j_args = (params, jax.numpy.asarray(cond), jax.numpy.asarray(unc),
                   jax.numpy.asarray(ids))
         t0 = time.perf_counter()
@@ -110,8 +111,8 @@ def bench_one(name: str, args) -> dict:
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    latents = np.asarray(sample.initial_noise(0, jax.numpy.asarray(ids),
-                                              (args.latent, args.latent, 4)))
+    latents = np.asarray(sampling.initial_noise(0, jax.numpy.asarray(ids),
+                                                (args.latent, args.latent, 4)))
     lat_t = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
 
     def run_torch():

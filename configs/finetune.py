@@ -5,7 +5,7 @@ r"""Fine-tune Stable Diffusion with one strategy of the registry.
         --config.data.kind=chexpert --config.data.csv=/data/chexpert/train.csv \
         --config.data.image_root=/data --config.data.resolution=512
 
-The argument is a strategy name (``python -m jaxmed.inspect --list`` prints them):
+The argument is a strategy name (``python -m jaxmed.counts --list`` prints them):
 unet, text, vae, unet+text, unet+vae, vae+text, unet+vae+text, lora, dora, bitfit, difffit
 (the study's 11) and difffit-orig, svdiff, attn. The defaults are the study's
 hyperparameters (docs/STUDY.md "The 11 strategies and their hyperparameters"): AdamW
@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # a diffusers folder, a hub id, jaxmed:tiny-sd (bundled) or random:<test|tiny>[@res]
     c.model.path = path
     # "" = read config.json under model.path; sd15 | sd21 | test | tiny: a built-in
-    # architecture (no weights needed; what jaxmed.inspect uses)
+    # architecture (no weights needed; what jaxmed.counts uses)
     c.model.arch = ""
     c.model.variant = ""  # e.g. "fp16" to read *.fp16.safetensors
     c.model.allow_pickle = False  # read pickled .bin weights (runs code from the file)

@@ -14,12 +14,16 @@ import ast
 import difflib
 import importlib.util
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
+
+from jaxmed.hostmem import keep_freed_memory
 
 
 class ConfigError(ValueError):
@@ -154,12 +158,6 @@ def enable_compilation_cache() -> None:
     ``$JAXMED_COMPILATION_CACHE``, else ``$JAXMED_CACHE/xla`` (default ``~/.cache/jaxmed``).
     Also keeps freed host memory in the process (`jaxmed.hostmem`), which must happen
     before jax starts its backend: every command-line tool calls this first."""
-    import logging
-
-    import jax
-
-    from jaxmed.hostmem import keep_freed_memory
-
     keep_freed_memory()
 
     d = os.environ.get("JAXMED_COMPILATION_CACHE") or os.path.join(

@@ -8,6 +8,8 @@ import sys
 import time
 from collections.abc import Mapping
 
+from tqdm.auto import tqdm
+
 
 class _NullBar:
     def update(self, n=1):
@@ -28,8 +30,6 @@ def progress(total: int | None = None, initial: int = 0, desc: str = "", enabled
     """A tqdm bar (step, postfix metrics, rate, ETA) or a silent stand-in."""
     if not enabled:
         return _NullBar()
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                 file=sys.stderr, smoothing=0.1)
 
@@ -47,7 +47,7 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._f = open(os.path.join(workdir, filename), "a")
         if tensorboard:
-            try:
+            try:  # imported here: optional, and heavy (protobuf) for runs that never log to it
                 from tensorboardX import SummaryWriter
 
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

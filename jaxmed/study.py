@@ -51,7 +51,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmed import files, strategies, train
+from jaxmed import files, images, strategies, train
 from jaxmed.cli import ConfigError, enable_compilation_cache, load_config, parse, set_override
 from jaxmed.data import phantom
 from jaxmed.data.labels import ALL, CONDITIONS
@@ -383,7 +383,8 @@ class Study:
             idx = np.nonzero(s.positives(c))[0][:k]
             rows.append(list(load_images([s.paths[i] for i in idx])))
             labels.append(c)
-        return report.image_grid(rows, self.path(name, "samples.png"), row_labels=labels)
+        return files.save_image(images.grid(rows, row_labels=labels),
+                                self.path(name, "samples.png"))
 
     # ------------------------------------------------------------------ the run
     def log_invocation(self, ran: Sequence[str]) -> None:
@@ -537,8 +538,8 @@ def samples_all(study: Study, names: Sequence[str]) -> str:
             row.append(load_images([s.paths[idx[0]]])[0] if len(idx) else None)
         rows.append(row)
         labels.append(m)
-    return report.image_grid(rows, study.path("samples_all.png"), row_labels=labels,
-                             col_labels=conds)
+    return files.save_image(images.grid(rows, row_labels=labels, col_labels=conds),
+                            study.path("samples_all.png"))
 
 
 # ------------------------------------------------------------------------ command line

@@ -31,119 +31,28 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import struct
 
-from jaxmed import schedulers, sharding
-from jaxmed import strategies as strategies_lib
-from jaxmed.checkpoint import Checkpointer, abstract_like
-from jaxmed.data import build_records
+from jaxmed import sharding
+from jaxmed.cache import LatentCache, TextCache, params_hash
+from jaxmed.checkpoint import Checkpointer, TrainState, abstract_like
+from jaxmed.cli import ConfigError, enable_compilation_cache, parse
+from jaxmed.data import Batches, Captioner, build_records, prefetch_to_device
+from jaxmed.diffusion.sampling import generate, make_sample_fn
+from jaxmed.files import atomic_write, save_image
+from jaxmed.images import grid
+from jaxmed.logging_utils import MetricWriter, progress
+from jaxmed.losses import OBJECTIVES, autoencoder_loss, diffusion_loss
+from jaxmed.models import weights
 from jaxmed.models.sd import StableDiffusion
 from jaxmed.optim import Optimizer, make_optimizer
+from jaxmed.strategies import build_strategy, count
 from jaxmed.strategies.base import Strategy
 
 log = logging.getLogger("jaxmed.train")
 
 
 # ---------------------------------------------------------------------------------------
-# Strategy and optimizer from the config
-
-
-def build_strategy(cfg: ml_collections.ConfigDict) -> Strategy:
-    """``config.strategy`` (name + options) -> a registry Strategy."""
-    opts = {}
-    for k, v in cfg.items():
-        if k == "name":
-            continue
-        if isinstance(v, ml_collections.ConfigDict):
-            v = v.to_dict()
-        if isinstance(v, list):
-            v = tuple(v)
-        if v is None:
-            continue
-        opts[k] = v
-    return strategies_lib.get(cfg.name, **opts)
-
-
-# ---------------------------------------------------------------------------------------
 # The train step
-
-
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    trainable: Any
-    opt_state: Any
-    ema: Any
-    bad_step: jax.Array  # first step whose loss or gradient was not finite; -1 if none
-
-
-def diffusion_loss(sd: StableDiffusion, strategy: Strategy, trainable: Any, frozen: Any,
-                   batch: Mapping[str, jax.Array], rng: jax.Array, *,
-                   prediction_type: str, vae_loss_weight: float = 1.0,
-                   noise_offset: float = 0.0) -> tuple[jax.Array, dict]:
-    """The study's objective on one micro-batch: epsilon (or v) MSE on VAE latents times
-    the scaling factor, plus the VAE reconstruction MSE when the VAE trains (SEED.md).
-
-    ``batch`` holds 'image' and 'input_ids', or, from the caches, 'latent_mean' /
-    'latent_logvar' instead of 'image' and 'context' instead of 'input_ids'.
-    """
-    params = strategy.combine(trainable, frozen)
-    r_lat, r_noise, r_t, r_ad, r_off = jax.random.split(rng, 5)
-
-    def intercept(component):
-        return strategy.intercept(component, trainable, frozen, rng=r_ad, train=True)
-
-    if "context" in batch:
-        context = batch["context"]
-    else:
-        with intercept("text_encoder"):
-            context = sd.encode_text(params["text_encoder"], batch["input_ids"])
-    if "latent_mean" in batch:
-        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
-    else:
-        with intercept("vae"):
-            mean, logvar = sd.encode_images(params["vae"], batch["image"])
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(r_lat, mean.shape, mean.dtype)
-    latents = z * sd.scaling_factor
-    noise = jax.random.normal(r_noise, latents.shape, latents.dtype)
-    if noise_offset:
-        noise = noise + noise_offset * jax.random.normal(
-            r_off, (latents.shape[0], 1, 1, latents.shape[-1]), latents.dtype)
-    n_train = sd.schedule.alphas_cumprod.shape[0]
-    t = jax.random.randint(r_t, (latents.shape[0],), 0, n_train)
-    noisy = schedulers.add_noise(sd.schedule, latents, noise, t)
-    target = schedulers.training_target(sd.schedule, prediction_type, latents, noise, t)
-    with intercept("unet"):
-        pred = sd.predict(params["unet"], noisy, t, context)
-    diff_loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
-    loss, aux = diff_loss, {"diffusion_loss": diff_loss}
-    if "vae" in strategy.trains and vae_loss_weight:
-        if "image" not in batch:
-            raise ValueError("the VAE trains, so batches need images, not cached latents")
-        with intercept("vae"):
-            recon = sd.vae.apply({"params": params["vae"]}, z, method=sd.vae.decode)
-        rec_loss = jnp.mean(jnp.square(recon - batch["image"].astype(jnp.float32)))
-        loss = loss + vae_loss_weight * rec_loss
-        aux["vae_loss"] = rec_loss
-    return loss, aux
-
-
-def autoencoder_loss(sd: StableDiffusion, strategy: Strategy, trainable: Any, frozen: Any,
-                     batch: Mapping[str, jax.Array], rng: jax.Array, *,
-                     kl_weight: float = 1e-6) -> tuple[jax.Array, dict]:
-    """VAE pretraining (`configs/pretrain_tiny.py`): reconstruction MSE of a posterior
-    sample plus a small KL to N(0, I) (per latent element, SD's VAE used a tiny weight too)."""
-    params = strategy.combine(trainable, frozen)
-    with strategy.intercept("vae", trainable, frozen, rng=rng, train=True):
-        mean, logvar = sd.encode_images(params["vae"], batch["image"])
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-        recon = sd.vae.apply({"params": params["vae"]}, z, method=sd.vae.decode)
-    rec = jnp.mean(jnp.square(recon - batch["image"].astype(jnp.float32)))
-    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-    return rec + kl_weight * kl, {"recon_loss": rec, "kl": kl}
-
-
-OBJECTIVES = ("diffusion", "autoencoder")
 
 
 def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
@@ -193,11 +102,11 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
             jnp.zeros_like, jax.eval_shape(loss_fn, state.trainable, frozen,
                                            jax.tree_util.tree_map(lambda v: v[0], micro),
                                            rng)[1])
-        # XLA:CPU runs convolution weight gradients inside a while loop up to ~60x slower
-        # (a 3x3 conv's wgrad: 2.9 s in lax.scan vs 46 ms unrolled; the VAE at 128 px:
-        # 23.5 s vs 1.1 s a step; a length-1 scan stays a loop even with unroll=True), so on
-        # CPU the accumulation is a Python loop (same arithmetic); on accelerators it stays a
-        # lax.scan (one compiled body: less compile time and memory).
+        # XLA:CPU runs convolution weight gradients inside a while loop many times slower
+        # than unrolled (a length-1 scan stays a loop even with unroll=True; figures in
+        # bench/bench_train.py), so on CPU the accumulation is a Python loop (same
+        # arithmetic); on accelerators it stays a lax.scan (one compiled body: less compile
+        # time and memory).
         carry = (zeros, jnp.zeros(()), aux0)
         if jax.default_backend() == "cpu":
             for i in range(accum):
@@ -276,7 +185,7 @@ class Trainer:
         trainable, self.frozen = jax.jit(
             self.strategy.init, out_shardings=(self.t_shardings, self.f_shardings))(params, rng)
         del params
-        self.n_trainable = strategies_lib.count(trainable)
+        self.n_trainable = count(trainable)
 
         # batch geometry
         replicas = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -324,8 +233,6 @@ class Trainer:
 
     # -- caches (encode once, train many)
     def _setup_caches(self) -> None:
-        from jaxmed.cache import LatentCache, TextCache, params_hash
-
         c, trains = self.config.cache, self.strategy.trains
         for key in ("latents", "text"):
             if c[key] not in ("auto", "on", "off"):
@@ -368,16 +275,12 @@ class Trainer:
                   flush=True)
 
     def _captioner(self, records):
-        from jaxmed.data import Captioner
-
         d = self.config.data
         return Captioner(records.label_columns, templates=tuple(d.templates) or None,
                          dropout=d.caption_dropout, seed=self.config.seed)
 
     def make_batches(self):
         """The training batches: images or cached latents, token ids or cached context."""
-        from jaxmed.data import Batches
-
         d = self.config.data
         extras = None
         if self.latent_cache is not None:
@@ -410,16 +313,13 @@ class Trainer:
 
     # -- the loop
     def run(self) -> dict:
-        from jaxmed.data import prefetch_to_device
-        from jaxmed.logging_utils import MetricWriter, progress
-
         cfg = self.config
         start = self.maybe_restore()
         writer = MetricWriter(self.workdir, tensorboard=cfg.log.tensorboard and self.is_main,
                               enabled=self.is_main)
         if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+            atomic_write(os.path.join(self.workdir, "config.json"),
+                         json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
         self._banner(start)
         batches = self.make_batches()
         batches.load_state_dict(self.data_position)
@@ -479,8 +379,8 @@ class Trainer:
             "skipped_images": int(batches.num_skipped),
         }
         if self.is_main:
-            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            atomic_write(os.path.join(self.workdir, "summary.json"),
+                         json.dumps(summary, indent=2))
             print(f"[jaxmed.train] {self.strategy.name}: {summary['steps']} steps in "
                   f"{elapsed:.1f}s ({img_s:.2f} img/s), final loss {self.last_loss:.4f}, "
                   f"{self.n_trainable:,} trainable params, export {export}", flush=True)
@@ -531,8 +431,6 @@ class Trainer:
 
     def sample_grid(self, step: int) -> str | None:
         """Sample the validation prompts with the current weights; write a PNG grid."""
-        from jaxmed.sample import generate, grid, make_sample_fn
-
         cfg = self.config.log
         if not hasattr(self, "_sample_fn"):
             self._sample_fn = make_sample_fn(
@@ -545,15 +443,11 @@ class Trainer:
         images = generate(self.sd, params, prompts, fn=self._sample_fn)
         if not self.is_main:
             return None
-        out = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        grid(images, prompts).save(out)
-        return out
+        return save_image(grid(images, prompts),
+                          os.path.join(self.workdir, "samples", f"step_{step:07d}.png"))
 
     def export(self) -> str:
         """diffusers folder (+ peft adapter) of the trained model under workdir/export."""
-        from jaxmed.models import weights
-
         out = os.path.join(self.workdir, "export")
         if self.config.export.diffusers:
             params = self.exported_params()
@@ -583,8 +477,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
 
 
 def main(argv=None) -> int:
-    from jaxmed.cli import ConfigError, enable_compilation_cache, parse
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config, args = parse(argv, "python -m jaxmed.train", __doc__.split("\n\n")[0])

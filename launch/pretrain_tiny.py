@@ -176,9 +176,11 @@ def write_docs(a) -> None:
     import numpy as np
     from PIL import Image
 
+    from jaxmed.checkpoint import load_for_sampling
     from jaxmed.cli import load_config
     from jaxmed.data import load_image, read_folder_csv
-    from jaxmed.sample import generate, grid, load_for_sampling
+    from jaxmed.diffusion.sampling import generate
+    from jaxmed.images import grid
 
     docs = os.path.join(REPO, "docs")
     os.makedirs(docs, exist_ok=True)

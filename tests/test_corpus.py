@@ -97,9 +97,9 @@ def _safetensors_dtypes(path):
 def test_committed_tiny_sd_loads_and_samples():
     import jax
 
+    from jaxmed.diffusion.sampling import generate
     from jaxmed.models import weights
     from jaxmed.models.sd import StableDiffusion, resolve
-    from jaxmed.sample import generate
 
     assert os.path.samefile(resolve("jaxmed:tiny-sd"), ASSET)
     total = sum(os.path.getsize(os.path.join(dp, f))

@@ -16,8 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxmed import sample
-from jaxmed.data.captions import LABEL_COLUMNS, caption_from_labels
+from jaxmed import sample, train
+from jaxmed.checkpoint import load_for_sampling
+from jaxmed.data.captions import caption_from_labels
+from jaxmed.data.combinations import read_combinations
+from jaxmed.data.labels import LABELS
+from jaxmed.diffusion import sampling
+from jaxmed.images import grid
+from jaxmed.strategies.base import flatten
 
 SEED = 7
 STEPS = 10  # PNDM, guidance 7.5: shared by the parity and synthesis tests (one compile)
@@ -30,7 +36,7 @@ ROOT = os.path.dirname(HERE)
 
 @pytest.fixture(scope="module")
 def model(tiny_sd_folder):
-    return sample.load_for_sampling(tiny_sd_folder)
+    return load_for_sampling(tiny_sd_folder)
 
 
 def shared_fn(sd):
@@ -50,10 +56,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np
 from PIL import Image
 from jaxmed import sample, sharding
+from jaxmed.checkpoint import load_for_sampling
+from jaxmed.data.labels import LABELS
+from jaxmed.diffusion import sampling
 
 assert jax.device_count() == 8, jax.devices()
 folder, out = sys.argv[1], sys.argv[2]
-sd, params = sample.load_for_sampling(folder)
+sd, params = load_for_sampling(folder)
 mesh1 = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 mesh8 = sharding.make_mesh(4, 2, 1)  # the batch over data x fsdp = 8 shards
 report = {}
@@ -62,7 +71,7 @@ report = {}
 # and a padded one), batch 8 on 8 devices (3 padding images).
 combos = [{"Edema": 1, "count": 2}, {"Cardiomegaly": 1, "Pleural Effusion": 1, "count": 2},
           {"count": 1}]
-combos = [{**{c: 0 for c in sample.LABEL_COLUMNS}, **r} for r in combos]
+combos = [{**{c: 0 for c in LABELS}, **r} for r in combos]
 kw = dict(sampler="pndm", steps=3, guidance=7.5, seed=11, progress=False)
 s1 = sample.synthesize(sd, params, combos, out + "/d1", batch_size=4, mesh=mesh1, **kw)
 s8 = sample.synthesize(sd, params, combos, out + "/d8", batch_size=8, mesh=mesh8, **kw)
@@ -79,8 +88,8 @@ prompts = ["Chest X-ray showing Edema", "Normal chest X-ray with no significant 
            "Chest X-ray showing Cardiomegaly, Pleural Effusion", "Chest X-ray showing Edema",
            "Chest X-ray showing Pneumothorax"]
 kw = dict(sampler="ddpm", num_steps=3, guidance_scale=7.5, seed=11, micro_batch=1)
-f1 = sample.make_sample_fn(sd, mesh=mesh1, **kw)
-f8 = sample.make_sample_fn(sd, mesh=mesh8, **kw)
+f1 = sampling.make_sample_fn(sd, mesh=mesh1, **kw)
+f8 = sampling.make_sample_fn(sd, mesh=mesh8, **kw)
 cond = np.asarray(sd.tokenize(prompts))
 unc = np.asarray(sd.tokenize([""] * len(prompts)))
 ids = np.arange(100, 105, dtype=np.int32)
@@ -131,9 +140,9 @@ def test_guidance_one_is_the_conditional_prediction(model):
     def denoisers(params, cond, unc, x):
         ctx = sd.encode_text(params["text_encoder"], cond)
         uctx = sd.encode_text(params["text_encoder"], unc)
-        both = sample.guided_model_fn(sd, params["unet"], ctx, uctx, 1.0,
+        both = sampling.guided_model_fn(sd, params["unet"], ctx, uctx, 1.0,
                                       skip_uncond_at_one=False)(x, t)
-        g75 = sample.guided_model_fn(sd, params["unet"], ctx, uctx, 7.5)(x, t)
+        g75 = sampling.guided_model_fn(sd, params["unet"], ctx, uctx, 7.5)(x, t)
         plain_c = sd.predict(params["unet"], x, t, ctx)
         plain_u = sd.predict(params["unet"], x, t, uctx)
         return both, g75, plain_c, plain_u
@@ -151,8 +160,8 @@ def test_guidance_one_is_the_conditional_prediction(model):
     # Whole sampling runs: two-branch CFG at g=1 vs a run that never computes the
     # unconditional branch (and whose uncond input is garbage to prove it is unused).
     kw = dict(sampler="pndm", num_steps=3, guidance_scale=1.0, seed=SEED)
-    f_both = sample.make_sample_fn(sd, skip_uncond_at_one=False, **kw)
-    f_cond = sample.make_sample_fn(sd, **kw)
+    f_both = sampling.make_sample_fn(sd, skip_uncond_at_one=False, **kw)
+    f_cond = sampling.make_sample_fn(sd, **kw)
     ids = jnp.arange(2, dtype=jnp.int32)
     a = np.asarray(f_both(params, cond, unc, ids))
     b = np.asarray(f_cond(params, cond, jnp.zeros_like(unc) + 123, ids))
@@ -173,7 +182,7 @@ def test_parity_with_diffusers_pipeline(model, tiny_sd_folder, torch):
     ids = np.arange(BATCH, dtype=np.int32)
     ours = np.asarray(shared_fn(sd)(params, np.asarray(sd.tokenize(prompts)),
                                     np.asarray(sd.tokenize([""] * BATCH)), jnp.asarray(ids)))
-    latents = np.asarray(sample.initial_noise(SEED, jnp.asarray(ids), (8, 8, 4)))
+    latents = np.asarray(sampling.initial_noise(SEED, jnp.asarray(ids), (8, 8, 4)))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -193,7 +202,7 @@ def test_parity_with_diffusers_pipeline(model, tiny_sd_folder, torch):
 # (4) synthesis from a combination CSV: counts, metadata, captions, resume
 
 
-def _write_combos(path, rows, columns=(*LABEL_COLUMNS, "count"), extra=()):
+def _write_combos(path, rows, columns=(*LABELS, "count"), extra=()):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*columns, *extra])
@@ -203,7 +212,7 @@ def _write_combos(path, rows, columns=(*LABEL_COLUMNS, "count"), extra=()):
 
 
 def _labels(**pos):
-    return [pos.get(c.replace(" ", "_"), 0) for c in LABEL_COLUMNS]
+    return [pos.get(c.replace(" ", "_"), 0) for c in LABELS]
 
 
 def _pixels(path):
@@ -230,7 +239,7 @@ def test_synthesize_counts_metadata_and_resume(model, tmp_path):
         reader = csv.reader(f)
         header = next(reader)
         meta = list(reader)
-    assert header == ["Path", *LABEL_COLUMNS, "caption", "image_id", "seed"]
+    assert header == ["Path", *LABELS, "caption", "image_id", "seed"]
     assert [m[0] for m in meta] == [f"images/{i:06d}.png" for i in range(6)]
     expect_rows = [0, 0, 1, 1, 1, 3]  # ids assigned row by row in CSV order
     for m, r in zip(meta, expect_rows):
@@ -248,7 +257,7 @@ def test_synthesize_counts_metadata_and_resume(model, tmp_path):
         with Image.open(p) as im:
             assert (im.mode, im.size) == ("RGB", (32, 32))
     # The images are those of the plain sampling function for the same ids and captions.
-    direct = sample.to_uint8(shared_fn(sd)(
+    direct = sampling.to_uint8(shared_fn(sd)(
         params, np.asarray(sd.tokenize([meta[2][9], meta[3][9]])),
         np.asarray(sd.tokenize(["", ""])), jnp.asarray([2, 3], jnp.int32)))
     np.testing.assert_array_equal(direct[0], first[paths[2]])
@@ -301,7 +310,7 @@ def test_cli_synthesis_and_grid(model, tiny_sd_folder, tmp_path, capsys):
         meta = list(csv.DictReader(f))
     assert [m["caption"] for m in meta] == ["Chest X-ray showing Edema"] * 2 + [
         "Normal chest X-ray with no significant findings"]
-    api = sample.to_uint8(shared_fn(sd)(
+    api = sampling.to_uint8(shared_fn(sd)(
         params, np.asarray(sd.tokenize([m["caption"] for m in meta[:2]])),
         np.asarray(sd.tokenize(["", ""])), jnp.asarray([0, 1], jnp.int32)))
     for i in range(2):
@@ -319,13 +328,13 @@ def test_load_for_sampling_workdir(tiny_sd_folder, tmp_path):
     (wd / "checkpoints").mkdir(parents=True)
     (wd / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no export/ and no finished checkpoint"):
-        sample.load_for_sampling(str(wd))
+        load_for_sampling(str(wd))
     os.symlink(tiny_sd_folder, wd / "export")
-    sd, params = sample.load_for_sampling(str(wd))
+    sd, params = load_for_sampling(str(wd))
     assert sd.path.rstrip("/").endswith("export") and set(params) == {
         "unet", "vae", "text_encoder"}
     with pytest.raises(FileNotFoundError, match="neither a diffusers folder"):
-        sample.load_for_sampling(str(tmp_path))
+        load_for_sampling(str(tmp_path))
 
 
 def test_load_for_sampling_from_a_checkpoint(tiny_sd_folder, tiny_dataset, tmp_path):
@@ -334,18 +343,15 @@ def test_load_for_sampling_from_a_checkpoint(tiny_sd_folder, tiny_dataset, tmp_p
     sys.path.insert(0, HERE)
     from train_worker import config as make_config
 
-    from jaxmed import train
-    from jaxmed.strategies.base import flatten
-
     wd = str(tmp_path / "lora")
     c = make_config("lora", tiny_sd_folder, tiny_dataset, **{
         "train.max_steps": 1, "checkpoint.every_steps": 1, "optim.grad_accum": 1,
         "export.diffusers": True, "strategy.lr": 1e-2})
     train.train(c, wd)
     os.rename(os.path.join(wd, "export"), str(tmp_path / "exported"))
-    _, restored = sample.load_for_sampling(wd)
-    _, exported = sample.load_for_sampling(str(tmp_path / "exported"))
-    _, base = sample.load_for_sampling(tiny_sd_folder)
+    _, restored = load_for_sampling(wd)
+    _, exported = load_for_sampling(str(tmp_path / "exported"))
+    _, base = load_for_sampling(tiny_sd_folder)
     r, e, b = flatten(restored), flatten(exported), flatten(base)
     assert set(r) == set(e)
     for k in e:
@@ -360,24 +366,24 @@ def test_load_for_sampling_from_a_checkpoint(tiny_sd_folder, tiny_dataset, tmp_p
 
 def test_bad_combination_csvs(tmp_path, capsys):
     no_count = _write_combos(tmp_path / "nocount.csv", [[*_labels(Edema=1)]],
-                             columns=LABEL_COLUMNS)
+                             columns=LABELS)
     with pytest.raises(ValueError, match=rf"{re.escape(no_count)}.*column 'count'"):
-        sample.read_combinations(no_count)
+        read_combinations(no_count)
     no_edema = _write_combos(tmp_path / "noedema.csv", [[0] * 7 + [2]],
-                             columns=[c for c in LABEL_COLUMNS if c != "Edema"] + ["count"])
+                             columns=[c for c in LABELS if c != "Edema"] + ["count"])
     with pytest.raises(ValueError, match=r"noedema.csv has no column 'Edema'"):
-        sample.read_combinations(no_edema)
+        read_combinations(no_edema)
     neg = _write_combos(tmp_path / "neg.csv", [[*_labels(), 1], [*_labels(Edema=1), -2]])
     with pytest.raises(ValueError, match=r"neg.csv, data row 1 \(line 3\): count '-2' is neg"):
-        sample.read_combinations(neg)
+        read_combinations(neg)
     frac = _write_combos(tmp_path / "frac.csv", [[*_labels(), 1.5]])
     with pytest.raises(ValueError, match="not a whole number"):
-        sample.read_combinations(frac)
+        read_combinations(frac)
     bad_label = _write_combos(tmp_path / "lab.csv", [[*_labels(Edema="yes"), 1]])
     with pytest.raises(ValueError, match=r"column 'Edema'.*'yes'"):
-        sample.read_combinations(bad_label)
+        read_combinations(bad_label)
     with pytest.raises(FileNotFoundError, match="nope.csv"):
-        sample.read_combinations(str(tmp_path / "nope.csv"))
+        read_combinations(str(tmp_path / "nope.csv"))
     # The CLI reports the same before loading any model.
     rc = sample.main(["--model", str(tmp_path), "--combinations", no_count, "--out",
                       str(tmp_path / "o")])
@@ -387,7 +393,7 @@ def test_bad_combination_csvs(tmp_path, capsys):
 
 def test_unknown_sampler(model, tmp_path, capsys):
     sd, params = model
-    for call in (lambda: sample.make_sample_fn(sd, sampler="euler"),
+    for call in (lambda: sampling.make_sample_fn(sd, sampler="euler"),
                  lambda: sample.synthesize(sd, params, [], str(tmp_path), sampler="euler")):
         with pytest.raises(ValueError, match="unknown sampler 'euler'.*ddpm, ddim, pndm, "
                                              "dpmpp_2m"):
@@ -395,4 +401,17 @@ def test_unknown_sampler(model, tmp_path, capsys):
     rc = sample.main(["--model", "x", "--prompt", "p", "--out", "g.png", "--sampler", "k"])
     assert rc == 2 and "ddpm, ddim, pndm, dpmpp_2m" in capsys.readouterr().err
     with pytest.raises(ValueError, match="positive multiple of 8"):
-        sample.make_sample_fn(sd, height=30)
+        sampling.make_sample_fn(sd, height=30)
+
+
+def test_grid_flat_batch_and_labelled_rows():
+    """One grid function: a flat batch with captions (sampling) and labelled rows with
+    blank cells and other-sized images (the study's sheets)."""
+    ims = np.zeros((5, 16, 16, 3), np.uint8) + np.arange(5, dtype=np.uint8)[:, None, None, None]
+    flat = grid(ims, [f"p{i}" for i in range(5)], cols=2)
+    assert flat.size == (2 * 16, 3 * (16 + 14)) and flat.mode == "RGB"
+    assert np.asarray(flat)[30 + 5, 16 + 5].tolist() == [3, 3, 3]  # row 1, col 1 = image 3
+    other = np.full((20, 24, 1), 200, np.uint8)
+    rows = grid([[ims[0], None], [other]], row_labels=["real", "lora"], col_labels=["a", "b"])
+    assert rows.size == (60 + 2 * 16, 16 + 2 * 16)
+    assert np.asarray(rows)[16 + 16 + 5, 60 + 5].tolist() == [200, 200, 200]  # resized to 16

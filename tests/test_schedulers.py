@@ -1,4 +1,4 @@
-"""jaxmed.schedulers against diffusers' PyTorch schedulers (CPU, float32, tiny arrays)."""
+"""jaxmed.diffusion against diffusers' PyTorch schedulers (CPU, float32, tiny arrays)."""
 
 import json
 
@@ -15,7 +15,7 @@ from diffusers import (
     PNDMScheduler,
 )
 
-from jaxmed import schedulers as S
+from jaxmed.diffusion import ddpm, dpm_solver, pndm, samplers, schedule
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
 SD15 = {
@@ -112,11 +112,11 @@ def run_torch(name, config, monkeypatch, step_kwargs=None):
 
 
 def run_jax(name, config, acp, noises, **options):
-    sampler = S.make_sampler(name, config, STEPS, **options)
+    sampler = samplers.make_sampler(name, config, STEPS, **options)
     x = jnp.asarray(start_noise())
     state = sampler.init_state(x, jax.random.key(0))
     step = jax.jit(sampler.step)
-    pred = S.from_config(config).prediction_type
+    pred = schedule.from_config(config).prediction_type
     traj = []
     for i in range(sampler.num_inference_steps):
         out = jnp.asarray(np_model(x, sampler.timesteps[i], acp, pred))
@@ -130,7 +130,7 @@ def run_jax(name, config, acp, noises, **options):
 
 
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
-@pytest.mark.parametrize("name", S.SAMPLERS)
+@pytest.mark.parametrize("name", samplers.SAMPLERS)
 def test_trajectory_matches_diffusers(name, config_name, monkeypatch):
     config = CONFIGS[config_name]
     sched, acp, noises, ref = run_torch(name, config, monkeypatch)
@@ -165,13 +165,13 @@ def test_trajectory_variants(name, extra, options, step_kwargs, monkeypatch):
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", None])
 @pytest.mark.parametrize("steps", [50, 25, 7, 999])
-@pytest.mark.parametrize("name", S.SAMPLERS)
+@pytest.mark.parametrize("name", samplers.SAMPLERS)
 def test_timesteps_equal_diffusers(name, steps, spacing):
     config = dict(SD15)
     if spacing is not None:  # None: the key is absent, each class uses its own default
         config["timestep_spacing"] = spacing
     expected = torch_scheduler(name, config, steps).timesteps.numpy()
-    got = np.asarray(S.make_sampler(name, config, steps).timesteps)
+    got = np.asarray(samplers.make_sampler(name, config, steps).timesteps)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, expected)
 
@@ -189,7 +189,7 @@ def test_timesteps_equal_diffusers(name, steps, spacing):
 def test_schedule_equals_diffusers(extra):
     config = {**SD15, **extra}
     ref = DDPMScheduler.from_config(config)
-    sched = S.from_config(config)
+    sched = schedule.from_config(config)
     assert sched.betas.dtype == sched.alphas_cumprod.dtype == jnp.float32
     if extra.get("rescale_betas_zero_snr"):
         # The rescaling takes a float32 sqrt; torch's vectorised CPU sqrt is not correctly
@@ -212,28 +212,28 @@ def test_add_noise_velocity_target(config):
     noise = rng.standard_normal(x0.shape).astype(np.float32)
     t = np.array([0, 1, 500, 998, 999])
     ref = DDPMScheduler.from_config(config)
-    sched = S.from_config(config)
+    sched = schedule.from_config(config)
     tt = torch.from_numpy(t)
     want_noisy = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), tt).numpy()
     want_v = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), tt).numpy()
     x0j, nj, tj = jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)
-    noisy = jax.jit(S.add_noise)(sched, x0j, nj, tj)
-    v = jax.jit(S.get_velocity)(sched, x0j, nj, tj)
+    noisy = jax.jit(schedule.add_noise)(sched, x0j, nj, tj)
+    v = jax.jit(schedule.get_velocity)(sched, x0j, nj, tj)
     np.testing.assert_allclose(np.asarray(noisy), want_noisy, rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(v), want_v, rtol=0, atol=1e-6)
-    target = S.training_target(sched, None, x0j, nj, tj)
+    target = schedule.training_target(sched, None, x0j, nj, tj)
     want = want_v if config["prediction_type"] == "v_prediction" else noise
     np.testing.assert_allclose(np.asarray(target), want, rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(S.training_target(sched, "sample", x0j, nj, tj), x0)
+    np.testing.assert_array_equal(schedule.training_target(sched, "sample", x0j, nj, tj), x0)
     with pytest.raises(ValueError, match="flow"):
-        S.training_target(sched, "flow", x0j, nj, tj)
+        schedule.training_target(sched, "flow", x0j, nj, tj)
 
 
 @pytest.mark.parametrize("config", [SD15, SD2V], ids=["sd15", "sd2v"])
-@pytest.mark.parametrize("name", S.SAMPLERS)
+@pytest.mark.parametrize("name", samplers.SAMPLERS)
 def test_scan_equals_python_loop(name, config):
-    sampler = S.make_sampler(name, config, STEPS)
-    acp = S.from_config(config).alphas_cumprod
+    sampler = samplers.make_sampler(name, config, STEPS)
+    acp = schedule.from_config(config).alphas_cumprod
     pred = config["prediction_type"]
 
     def model(x, t):
@@ -241,7 +241,7 @@ def test_scan_equals_python_loop(name, config):
 
     x_init = jnp.asarray(start_noise())
     key = jax.random.key(7)
-    run = jax.jit(lambda x, k: S.sample_loop(sampler, model, x, k, return_trajectory=True))
+    run = jax.jit(lambda x, k: samplers.sample_loop(sampler, model, x, k, return_trajectory=True))
     final, traj = run(x_init, key)
 
     x, state = x_init, sampler.init_state(x_init, key)
@@ -258,21 +258,22 @@ def test_scan_equals_python_loop(name, config):
 def test_set_timesteps_functions():
     x = jnp.zeros(SHAPE)
     for fn, n in [
-        (S.ddpm_set_timesteps, 50),
-        (S.ddim_set_timesteps, 50),
-        (S.pndm_set_timesteps, 51),
-        (S.dpmpp_2m_set_timesteps, 50),
+        (ddpm.ddpm_set_timesteps, 50),
+        (ddpm.ddim_set_timesteps, 50),
+        (pndm.pndm_set_timesteps, 51),
+        (dpm_solver.dpmpp_2m_set_timesteps, 50),
     ]:
         ts, state = fn(SD15, STEPS, x)
         assert ts.shape == (n,) and ts.dtype == jnp.int32
         jax.tree_util.tree_map(lambda a: a, state)  # a valid pytree
-    _, st = S.pndm_set_timesteps(SD15, STEPS, SHAPE)
+    _, st = pndm.pndm_set_timesteps(SD15, STEPS, SHAPE)
     assert st.ets.shape == (4, *SHAPE)
-    assert S.init_noise_sigma == S.make_sampler("pndm", SD15, 10).init_noise_sigma == 1.0
+    pndm_sampler = samplers.make_sampler("pndm", SD15, 10)
+    assert samplers.init_noise_sigma == pndm_sampler.init_noise_sigma == 1.0
 
 
 def test_ddpm_without_key_or_noise_raises():
-    sampler = S.make_sampler("ddpm", SD15, 10)
+    sampler = samplers.make_sampler("ddpm", SD15, 10)
     x = jnp.zeros(SHAPE)
     state = sampler.init_state(x)
     with pytest.raises(ValueError, match="key"):
@@ -298,40 +299,40 @@ def test_ddpm_without_key_or_noise_raises():
 )
 def test_unsupported_config_value_raises(name, key, value):
     with pytest.raises(ValueError) as info:
-        S.make_sampler(name, {**SD15, key: value}, 10)
+        samplers.make_sampler(name, {**SD15, key: value}, 10)
     assert key in str(info.value) and repr(value) in str(info.value)
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="beta_schedule='laplace'"):
-        S.from_config({**SD15, "beta_schedule": "laplace"})
+        schedule.from_config({**SD15, "beta_schedule": "laplace"})
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        S.make_sampler("euler", SD15, 10)
+        samplers.make_sampler("euler", SD15, 10)
     with pytest.raises(ValueError, match="eta"):
-        S.make_sampler("pndm", SD15, 10, eta=0.5)
+        samplers.make_sampler("pndm", SD15, 10, eta=0.5)
     with pytest.raises(ValueError, match="num_inference_steps"):
-        S.make_sampler("ddim", SD15, 1001)
+        samplers.make_sampler("ddim", SD15, 1001)
 
 
 def test_from_pretrained_paths(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        S.from_pretrained(tmp_path)
+        schedule.from_pretrained(tmp_path)
     assert str(tmp_path / "scheduler_config.json") in str(info.value)
     with pytest.raises(FileNotFoundError, match=r"scheduler_config\.json"):
-        S.from_pretrained(tmp_path / "nope")
+        schedule.from_pretrained(tmp_path / "nope")
 
     model = tmp_path / "model"
     (model / "scheduler").mkdir(parents=True)
     (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD2V))
-    sched = S.from_pretrained(model)  # a model folder with a scheduler/ subfolder
+    sched = schedule.from_pretrained(model)  # a model folder with a scheduler/ subfolder
     assert sched.prediction_type == "v_prediction"
     assert sched.config["timestep_spacing"] == "trailing"
-    same = S.from_pretrained(model / "scheduler")
+    same = schedule.from_pretrained(model / "scheduler")
     np.testing.assert_array_equal(sched.alphas_cumprod, same.alphas_cumprod)
     # The schedule carries its config, so it can configure any sampler.
-    ts = S.make_sampler("ddim", sched, STEPS).timesteps
+    ts = samplers.make_sampler("ddim", sched, STEPS).timesteps
     np.testing.assert_array_equal(ts, torch_scheduler("ddim", SD2V).timesteps.numpy())
 
     (tmp_path / "scheduler_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        S.from_pretrained(tmp_path)
+        schedule.from_pretrained(tmp_path)

@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxmed import inspect as jinspect
-from jaxmed import strategies, train
+from jaxmed import counts, strategies
 from jaxmed.cli import load_config
 from jaxmed.models import clip_text, convert, unet, weights
 from jaxmed.models.layers import Linear
@@ -189,13 +188,13 @@ SD15_COUNTS = {  # strategy (options) -> trainable per component
 
 @pytest.fixture(scope="module")
 def sd15():
-    return jinspect.abstract_params(jinspect.arch_configs("sd15"))
+    return counts.abstract_params(counts.arch_configs("sd15"))
 
 
 @pytest.mark.parametrize("name,opts", list(SD15_COUNTS), ids=lambda v: str(v) if v else "")
 def test_seed_counts(sd15, name, opts):
     want = SD15_COUNTS[(name, opts)]
-    rep = jinspect.count_table(strategies.get(name, **dict(opts)), sd15, optim_config())
+    rep = counts.count_table(strategies.get(name, **dict(opts)), sd15, optim_config())
     got = {c: r["trainable"] for c, r in rep["components"].items() if r["trainable"]}
     assert got == want
     assert rep["total"]["total"] == 1_066_235_307
@@ -208,7 +207,7 @@ def test_seed_counts(sd15, name, opts):
 
 
 def test_seed_counts_extras(sd15):
-    rep = {n: jinspect.count_table(strategies.get(n), sd15)["components"]["unet"]
+    rep = {n: counts.count_table(strategies.get(n), sd15)["components"]["unet"]
            for n in ("difffit-orig", "svdiff", "attn")}
     print({n: r["trainable"] for n, r in rep.items()})
     unet_total = 859_520_964
@@ -540,5 +539,5 @@ def test_other_bad_inputs(tiny, tmp_path):
 def test_config_builds_every_strategy():
     for name in strategies.names():
         cfg = load_config(f"configs/finetune.py:{name}")
-        s = train.build_strategy(cfg.strategy)
+        s = strategies.build_strategy(cfg.strategy)
         assert s.name == name and s.learning_rates()

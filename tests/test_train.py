@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from conftest import write_chexpert_dataset
 
-from jaxmed import strategies, train
+from jaxmed import losses, strategies, train
+from jaxmed.checkpoint import Checkpointer
 from jaxmed.cli import ConfigError, load_config, set_override
+from jaxmed.data import Batches
 from jaxmed.strategies.base import flatten
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,10 +52,10 @@ def _fixed_loss(trainer: train.Trainer, batch: dict) -> float:
 
     @jax.jit
     def f(trainable, frozen, batch):
-        losses = [train.diffusion_loss(sd, strat, trainable, frozen, batch,
-                                       jax.random.PRNGKey(100 + i), prediction_type=pred_type)[0]
+        values = [losses.diffusion_loss(sd, strat, trainable, frozen, batch,
+                                        jax.random.PRNGKey(100 + i), prediction_type=pred_type)[0]
                   for i in range(4)]
-        return jnp.mean(jnp.stack(losses))
+        return jnp.mean(jnp.stack(values))
 
     return float(f(trainer.state.trainable, trainer.frozen, batch))
 
@@ -75,8 +77,6 @@ def test_loss_falls_when_overfitting(name, tiny_sd_folder, overfit_csv, shared_c
     else:
         c.strategy.lr = lr
     trainer = train.Trainer(c, str(tmp_path))
-    from jaxmed.data import Batches
-
     raw = Batches(trainer.records, 4, tokenizer=trainer.sd.tokenizer, resolution=32,
                   shuffle=False).batch_at(0, 0)
     batch = {"image": jnp.asarray(raw["image"]), "input_ids": jnp.asarray(raw["input_ids"])}
@@ -195,6 +195,4 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_sd_folder,
     bad.strategy.lr = 1e38
     with pytest.raises(FloatingPointError, match=r"NaN/inf at step (3|4).*checkpoint is step 2"):
         train.train(bad, wd)
-    from jaxmed.checkpoint import Checkpointer
-
     assert Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 2

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from jaxmed import files
 
@@ -232,32 +231,3 @@ def plot_auroc_vs_fraction(real_only: Sequence[tuple[float, float | None]],
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def image_grid(rows: Sequence[Sequence[np.ndarray]], path: str, *,
-               row_labels: Sequence[str] | None = None,
-               col_labels: Sequence[str] | None = None, tile: int | None = None) -> str:
-    """A labelled grid of uint8 images (rows x cols, each (H, W[, C])) saved as PNG."""
-    first = next(im for r in rows for im in r if im is not None)
-    t = int(tile or first.shape[0])
-    left = 0 if not row_labels else max(60, 6 * max(len(s) for s in row_labels) + 8)
-    top = 0 if not col_labels else 16
-    ncols = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (left + ncols * t, top + len(rows) * t), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, lab in enumerate(col_labels or []):
-        draw.text((left + j * t + 2, 2), lab[: max(4, t // 6)], fill="black")
-    for i, r in enumerate(rows):
-        if row_labels:
-            draw.text((2, top + i * t + t // 2 - 6), row_labels[i], fill="black")
-        for j, im in enumerate(r):
-            if im is None:
-                continue
-            a = np.asarray(im)
-            if a.ndim == 3 and a.shape[-1] == 1:
-                a = a[..., 0]
-            pil = Image.fromarray(a).convert("RGB")
-            if pil.size != (t, t):
-                pil = pil.resize((t, t), Image.Resampling.BILINEAR)
-            sheet.paste(pil, (left + j * t, top + i * t))
-    return files.save_image(sheet, path)

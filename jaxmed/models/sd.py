@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmed import schedulers
+from jaxmed.diffusion import schedule as noise_schedule
 from jaxmed.models import clip_text, tiny, unet, vae, weights
 from jaxmed.models.tokenizer import tokenize
 
@@ -46,7 +46,7 @@ class StableDiffusion:
     unet: unet.UNet2DConditionModel
     vae: vae.AutoencoderKL
     text_encoder: clip_text.CLIPTextModel
-    schedule: schedulers.NoiseSchedule
+    schedule: noise_schedule.NoiseSchedule
     scheduler_config: dict
     tokenizer: Any
     path: str = ""
@@ -83,7 +83,7 @@ class StableDiffusion:
             unet=unet.UNet2DConditionModel(configs["unet"], dtype=dt, remat=remat),
             vae=vae.AutoencoderKL(configs["vae"], dtype=dt, remat=remat),
             text_encoder=clip_text.CLIPTextModel(configs["text_encoder"], dtype=dt, remat=remat),
-            schedule=schedulers.from_config(scheduler_config),
+            schedule=noise_schedule.from_config(scheduler_config),
             scheduler_config=dict(scheduler_config),
             tokenizer=tokenizer,
             path=path,

@@ -11,6 +11,8 @@ import functools
 import inspect
 from collections.abc import Callable
 
+import ml_collections
+
 from jaxmed.strategies import bitfit as _bitfit
 from jaxmed.strategies import difffit as _difffit
 from jaxmed.strategies import dora as _dora
@@ -66,6 +68,22 @@ def get(name: str, **opts) -> Strategy:
     return factory(**opts)
 
 
+def build_strategy(cfg: ml_collections.ConfigDict) -> Strategy:
+    """``config.strategy`` (name + options) -> a registry Strategy."""
+    opts = {}
+    for k, v in cfg.items():
+        if k == "name":
+            continue
+        if isinstance(v, ml_collections.ConfigDict):
+            v = v.to_dict()
+        if isinstance(v, list):
+            v = tuple(v)
+        if v is None:
+            continue
+        opts[k] = v
+    return get(cfg.name, **opts)
+
+
 def _factory(name: str) -> Callable[..., Strategy]:
     try:
         return _FACTORIES[name]
@@ -76,6 +94,6 @@ def _factory(name: str) -> Callable[..., Strategy]:
 
 
 __all__ = [
-    "COMPONENTS", "EXTRAS", "STUDY", "MaskStrategy", "Strategy", "StrategyError", "count",
-    "get", "names", "nbytes", "options",
+    "COMPONENTS", "EXTRAS", "STUDY", "MaskStrategy", "Strategy", "StrategyError",
+    "build_strategy", "count", "get", "names", "nbytes", "options",
 ]

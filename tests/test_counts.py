@@ -1,4 +1,4 @@
-"""`python -m jaxmed.inspect`: SD 1.5 counts without weights, as a table and as JSON."""
+"""`python -m jaxmed.counts`: SD 1.5 counts without weights, as a table and as JSON."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from jaxmed import inspect as jinspect
-from jaxmed import strategies
+from jaxmed import counts, strategies
+from jaxmed.models import tiny, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(capsys, *argv):
-    rc = jinspect.main(list(argv))
+    rc = counts.main(list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -54,7 +54,7 @@ def test_json(capsys, argv, want):
 def test_cli_subprocess_and_sd15_preset():
     """As a module, with the sd15 preset of the config (hub id, no download: built-in arch)."""
     r = subprocess.run(
-        [sys.executable, "-m", "jaxmed.inspect", "--config", "configs/finetune.py:difffit,sd15",
+        [sys.executable, "-m", "jaxmed.counts", "--config", "configs/finetune.py:difffit,sd15",
          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -64,8 +64,6 @@ def test_cli_subprocess_and_sd15_preset():
 
 def test_model_path_reads_configs_only(capsys, tmp_path):
     """arch "" reads the three config.json files of a diffusers folder; no weights needed."""
-    from jaxmed.models import tiny, weights
-
     cfgs = tiny.configs("test")
     for name, cfg in cfgs.items():
         spec = weights.COMPONENTS[name]
@@ -76,7 +74,7 @@ def test_model_path_reads_configs_only(capsys, tmp_path):
                          f"--config.model.path={tmp_path}", "--json")
     assert rc == 0, err
     rep = json.loads(out)
-    params = jinspect.abstract_params(cfgs)
+    params = counts.abstract_params(cfgs)
     assert rep["components"]["unet"]["total"] == strategies.count(params["unet"])
     assert 0 < rep["components"]["unet"]["trainable"] < rep["components"]["unet"]["total"]
 

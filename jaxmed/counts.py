@@ -1,14 +1,14 @@
 r"""What a strategy trains, without weights: parameter counts and optimizer-state bytes.
 
-    python -m jaxmed.inspect --config configs/finetune.py:lora --config.model.arch=sd15
-    python -m jaxmed.inspect --config configs/finetune.py:dora --config.strategy.rank=4 \
+    python -m jaxmed.counts --config configs/finetune.py:lora --config.model.arch=sd15
+    python -m jaxmed.counts --config configs/finetune.py:dora --config.strategy.rank=4 \
         --config.model.arch=sd15 --json
-    python -m jaxmed.inspect --list
+    python -m jaxmed.counts --list
 
 Everything is abstract (``jax.eval_shape``): the model is built from its architecture
 (``config.model.arch``: sd15 | sd21 | test | tiny, or "" to read the three config.json files
 under ``config.model.path``), the strategy splits the abstract parameter tree, and the
-optimizer of `jaxmed.train.make_optimizer` is initialised abstractly. Per component it prints
+optimizer of `jaxmed.optim.make_optimizer` is initialised abstractly. Per component it prints
 total parameters, trainable parameters, % trainable, frozen parameters (for SVDiff the frozen
 tree also holds the SVD factors) and the optimizer-state bytes (AdamW: two float32 moments per
 trainable parameter, plus step counts).
@@ -26,6 +26,10 @@ import jax
 import ml_collections
 
 from jaxmed import strategies
+from jaxmed.cli import ConfigError, parse, set_override
+from jaxmed.models import clip_text, tiny, unet, vae, weights
+from jaxmed.models.sd import resolve
+from jaxmed.optim import make_optimizer
 from jaxmed.strategies.base import COMPONENTS, count, nbytes
 
 ARCHS = ("sd15", "sd21", "test", "tiny")
@@ -41,8 +45,6 @@ KNOWN_MODELS = {
 
 def arch_configs(arch: str) -> dict[str, Any]:
     """Model configs (jaxmed config objects) of a built-in architecture."""
-    from jaxmed.models import clip_text, tiny, unet, vae
-
     if arch in ("test", "tiny"):
         return tiny.configs(arch)
     if arch == "sd15":
@@ -60,9 +62,6 @@ def arch_configs(arch: str) -> dict[str, Any]:
 
 def folder_configs(path: str) -> dict[str, Any]:
     """Model configs read from a diffusers folder's config.json files (no weights read)."""
-    from jaxmed.models import weights
-    from jaxmed.models.sd import resolve
-
     folder = resolve(path)
     if not os.path.isdir(folder):
         known = KNOWN_MODELS.get(path)
@@ -80,8 +79,6 @@ def folder_configs(path: str) -> dict[str, Any]:
 
 def abstract_params(configs: Mapping[str, Any]) -> dict[str, Any]:
     """{component: ShapeDtypeStruct tree} of the three models."""
-    from jaxmed.models import weights
-
     return {name: weights.COMPONENTS[name].abstract_params(cfg) for name, cfg in configs.items()}
 
 
@@ -97,13 +94,11 @@ def count_table(strategy: strategies.Strategy, params: Mapping[str, Any],
                 optim: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
     """Per component and in total: params, trainable, frozen, % trainable, bytes of the
     trainable tree and of the optimizer state. ``params`` may be abstract."""
-    from jaxmed import train
-
     trainable, frozen = strategy.abstract(dict(params))
     opt_bytes = dict.fromkeys(COMPONENTS, 0)
     other = 0
     if optim is not None and jax.tree_util.tree_leaves(trainable):
-        tx = train.make_optimizer(strategy, trainable, optim)
+        tx = make_optimizer(strategy, trainable, optim)
         state = jax.eval_shape(tx.init, trainable)
         for path, leaf in jax.tree_util.tree_leaves_with_path(state):
             b = nbytes(leaf)
@@ -135,11 +130,9 @@ def count_table(strategy: strategies.Strategy, params: Mapping[str, Any],
 
 def report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """`count_table` for a finetune config (strategy, model.arch / model.path, optim)."""
-    from jaxmed import train
-
     arch = config.model.get("arch", "") or ""
     configs = arch_configs(arch) if arch else folder_configs(config.model.path)
-    strategy = train.build_strategy(config.strategy)
+    strategy = strategies.build_strategy(config.strategy)
     out = count_table(strategy, abstract_params(configs), config.optim)
     out["model"] = arch or config.model.path
     return out
@@ -198,8 +191,6 @@ def _pop_arch(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jaxmed.cli import ConfigError, parse, set_override
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--list" in argv:
         print(list_strategies())
@@ -207,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv, arch = _pop_arch(argv)
     try:
         config, args = parse(
-            argv, "python -m jaxmed.inspect", __doc__.split("\n\n")[0],
+            argv, "python -m jaxmed.counts", __doc__.split("\n\n")[0],
             workdir_required=False,
             extra=[("--json", {"action": "store_true", "help": "print JSON, not a table"}),
                    ("--list", {"action": "store_true", "help": "list the strategies"})])
