@@ -3,7 +3,7 @@
     python bench/bench_sample.py [--unets tiny,medium] [--latent 16] [--batch 4] \
         [--steps 50] [--repeats 3] [--out bench/results_sample.json]
 
-Same random model on both sides, written once in diffusers layout: DESIGN.md's ``tiny``
+Same random model on both sides, written once in diffusers layout: the bench's ``tiny``
 UNet ((32, 64), 1 layer/block) or ``medium`` UNet ((64, 128, 256), 2 layers/block), 8
 heads, cross-attention dim 32 / 64, with a small VAE (f=4: (16, 32, 32), 1 layer/block)
 and a small CLIP text tower (2 layers, width = the cross-attention dim). A latent of

@@ -4,7 +4,7 @@
     python bench/bench_train.py --configs tiny --sizes 16 --strategies unet lora --steps 10
     python bench/bench_train.py --device cuda --configs sd15 --sizes 64   # on a GPU machine
 
-The UNet configurations are DESIGN.md's (so the figures compare with its table), plus
+The UNet configurations are the bench's fixed ``tiny`` and ``medium`` (`CONFIGS` below), plus
 SD 1.5's own UNet (`sd15`, 860M parameters; 64x64 latents are the study's 512 px): batch 4,
 fp32 (on a GPU both frameworks may use TF32 in matrix products and convolutions), text
 context (4, 77, cross_attention_dim), DDPM scaled_linear betas, AdamW lr 1e-4 wd 1e-2,

@@ -30,8 +30,9 @@ MAX_LINES = 600
 MAX_STRATEGY_LOGIC = 80
 # Modules of jaxmed/strategies/ that are not one strategy's own file: the registry, the
 # shared machinery and peft's on-disk format.
-STRATEGY_NON_FAMILY = {"__init__.py", "base.py", "peft.py", "registry.py", "build.py",
-                       "config.py", "from_config.py"}
+# Shared machinery, not one strategy's own file.
+STRATEGY_NON_FAMILY = {"__init__.py", "base.py", "adapters.py", "peft.py", "registry.py",
+                       "build.py", "config.py", "from_config.py"}
 # Where a second definition of the labels is looked for, and where the spec must be cited.
 SCANNED_DIRS = ("jaxmed", "configs", "tests", "bench", "launch")
 LABELS_HOME = "jaxmed/data/labels.py"
