@@ -175,6 +175,10 @@ def activation_sharding(mesh: Mesh) -> Iterator[None]:
     """While active, `jaxmed.models.layers.constrain` shards activations by their logical
     names (the batch axis over data x fsdp); outside it, constrain is a no-op. It acts when
     a function is traced, so it must be active at a jitted function's first call (or its
-    ``.lower``), e.g. around the train step and the sampling function."""
+    ``.lower``), e.g. around the train step and the sampling function. On a one-device
+    mesh there is nothing to shard, so it enters nothing and the program stays as it was."""
+    if mesh.devices.size == 1:
+        yield
+        return
     with jax.set_mesh(mesh), axis_rules():
         yield

@@ -313,6 +313,13 @@ class Trainer:
 
     # -- the loop
     def run(self) -> dict:
+        """Train to ``total_steps`` (resuming if a checkpoint exists), export, summarise."""
+        # Every jitted function first called inside (the step, sampling, export) is traced
+        # with the activations' logical sharding constraints in force.
+        with sharding.activation_sharding(self.mesh):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.config
         start = self.maybe_restore()
         writer = MetricWriter(self.workdir, tensorboard=cfg.log.tensorboard and self.is_main,

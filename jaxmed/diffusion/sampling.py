@@ -213,7 +213,10 @@ def make_sample_fn(
         if mesh is not None:
             params = jax.device_put(params, p_sh)
             args = [_put(a, batch_sh[a.ndim]) for a in args]
-        out = jitted(params, *args)
+            with sharding.activation_sharding(mesh):
+                out = jitted(params, *args)
+        else:
+            out = jitted(params, *args)
         return out[:n] if pad else out
 
     call.jitted, call.replicas, call.micro_batch, call.mesh = jitted, replicas, micro_batch, mesh
