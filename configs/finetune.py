@@ -33,7 +33,7 @@ VALIDATION_PROMPTS = (
 MODELS = {
     # name: (path, resolution)
     "tiny": ("jaxmed:tiny-sd", 128),
-    "sd15": ("runwayml/stable-diffusion-v1-5", 512),
+    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", 512),
 }
 
 

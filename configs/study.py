@@ -23,7 +23,7 @@ Presets:
   1%, for real + synthetic; one repeat. A measured run (wall time, results, the three
   findings) is in the README, "What the demo shows".
 * ``paper`` -- the study's settings for accelerators: SD 1.5 (the hub folder
-  ``runwayml/stable-diffusion-v1-5`` or ``--config.model.path``), 512 px, the
+  ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or ``--config.model.path``), 512 px, the
   hyperparameters of docs/STUDY.md "The 11 strategies and their hyperparameters" (101
   epochs, gradient accumulation 4, the strategy's per-device batch, the study's learning
   rates), PNDM 50 steps at guidance 7.5, 5,000 images per condition,
@@ -140,7 +140,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     elif arg == "paper":
         c.description = ("the study's settings: SD 1.5 at 512 px, docs/STUDY.md hyperparameters, "
                          "PNDM 50 steps, 5,000 images per condition, all real fractions")
-        c.model.path = "runwayml/stable-diffusion-v1-5"
+        c.model.path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
         c.data.resolution = 512
         c.data.phantom_patients = 14300  # ~20,000 training films, as the study's subset
         c.finetune.epochs = 101

@@ -59,7 +59,7 @@ def test_cli_subprocess_and_sd15_preset():
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["components"]["unet"]["trainable"] == 859_077_120
-    assert rep["model"] == "runwayml/stable-diffusion-v1-5"
+    assert rep["model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def test_model_path_reads_configs_only(capsys, tmp_path):

@@ -4,7 +4,7 @@ Everything a sampler needs at a step lives in a small pytree *state* (constants 
 timestep table and ``alphas_cumprod`` plus the running history), so ``step`` is a pure
 function usable under ``jax.jit``, ``lax.scan`` and ``lax.fori_loop``::
 
-    sampler = make_sampler("pndm", schedule.from_pretrained("runwayml-sd15"), 50)
+    sampler = make_sampler("pndm", schedule.from_pretrained("path/to/sd15"), 50)
     state = sampler.init_state(latents, key)
     for i in range(len(sampler.timesteps)):                 # or sample_loop(...) with lax.scan
         eps = unet(latents, sampler.timesteps[i])

@@ -331,7 +331,7 @@ class UNetConfig:
 _SD_DOWN = [CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, DOWN]
 _SD_UP = [UP, CROSS_ATTN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP]
 
-# runwayml/stable-diffusion-v1-5 unet/config.json
+# stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json
 SD15_UNET_CONFIG: dict[str, Any] = {
     "_class_name": "UNet2DConditionModel",
     "act_fn": "silu",

@@ -191,7 +191,7 @@ class VAEConfig:
         return z
 
 
-# Stable Diffusion 1.5's vae/config.json (runwayml/stable-diffusion-v1-5).
+# Stable Diffusion 1.5's vae/config.json (stable-diffusion-v1-5/stable-diffusion-v1-5).
 SD15_VAE_CONFIG: dict[str, Any] = {
     "_class_name": "AutoencoderKL",
     "act_fn": "silu",

@@ -1,6 +1,6 @@
 """Diffusers-layout folders <-> jaxmed Flax params, with safetensors and no torch.
 
-A Stable Diffusion folder (``runwayml/stable-diffusion-v1-5`` on the hub, or what
+A Stable Diffusion folder (`SD15_HUB_ID` on the hub, or what
 ``StableDiffusionPipeline.save_pretrained`` writes) looks like::
 
     model_index.json
@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -441,25 +442,40 @@ def save_pipeline(
     return folder
 
 
+# SD 1.5's hub home since runwayml's repository was withdrawn (the study used runwayml's).
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+# What a hub download fetches: the diffusers components jaxmed reads, in the default
+# precision only. SD repositories also hold single-file checkpoints at the root
+# (v1-5-pruned*.safetensors / .ckpt, 4-7 GB each), fp16 / non_ema variants and the safety
+# checker; matching "*.safetensors" fetched all of them (~15 GB instead of ~2.7 GB).
+HUB_ALLOW_PATTERNS: tuple[str, ...] = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*",
+    *(f"{c}/config.json" for c in ("unet", "vae", "text_encoder")),
+    *(f"{c}/diffusion_pytorch_model{s}" for c in ("unet", "vae") for s in (
+        ".safetensors", "-*-of-*.safetensors", ".safetensors.index.json")),
+    *(f"text_encoder/model{s}" for s in (
+        ".safetensors", "-*-of-*.safetensors", ".safetensors.index.json")),
+)
+
+
 def resolve_model_path(path: str) -> str:
-    """A local folder as is; otherwise a hub id (``runwayml/stable-diffusion-v1-5``),
-    downloaded with huggingface_hub where the machine has network."""
+    """A local folder as is; otherwise a hub id (e.g. `SD15_HUB_ID`), downloaded with
+    huggingface_hub where the machine has network (only `HUB_ALLOW_PATTERNS`)."""
     if os.path.isdir(path):
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path):
         try:
             from huggingface_hub import snapshot_download  # only to download: optional
 
-            return snapshot_download(
-                path,
-                allow_patterns=["*.json", "*.txt", "*.safetensors", "tokenizer/*"],
-                ignore_patterns=["*.ckpt", "*.bin", "*.msgpack", "*non_ema*", "*.onnx*"],
-            )
+            return snapshot_download(path, allow_patterns=list(HUB_ALLOW_PATTERNS))
         except Exception as err:
             raise MissingComponentError(
                 f"{path!r} is not a local folder and could not be downloaded from the "
                 f"Hugging Face hub ({type(err).__name__}: {err}). Download it where you have "
-                "network (e.g. `huggingface-cli download runwayml/stable-diffusion-v1-5 "
-                "--local-dir DIR`) and pass that folder."
+                f"network (e.g. `hf download {path} --local-dir DIR --include "
+                f"{' '.join(map(shlex.quote, HUB_ALLOW_PATTERNS))}`) and pass that folder."
             ) from err
     raise MissingComponentError(f"model folder {path!r} does not exist")
