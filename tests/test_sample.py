@@ -24,6 +24,7 @@ from jaxmed.data.labels import LABELS
 from jaxmed.diffusion import sampling
 from jaxmed.images import grid
 from jaxmed.strategies.base import flatten
+from tests.train_worker import config as make_config
 
 SEED = 7
 STEPS = 10  # PNDM, guidance 7.5: shared by the parity and synthesis tests (one compile)
@@ -340,9 +341,6 @@ def test_load_for_sampling_workdir(tiny_sd_folder, tmp_path):
 def test_load_for_sampling_from_a_checkpoint(tiny_sd_folder, tiny_dataset, tmp_path):
     """A workdir without export/: the latest checkpoint restored and the adapter folded in
     gives exactly the params the training run exports."""
-    sys.path.insert(0, HERE)
-    from train_worker import config as make_config
-
     wd = str(tmp_path / "lora")
     c = make_config("lora", tiny_sd_folder, tiny_dataset, **{
         "train.max_steps": 1, "checkpoint.every_steps": 1, "optim.grad_accum": 1,

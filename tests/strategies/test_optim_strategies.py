@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_strategies import TARGETS, Tiny, leaves_of, optim_config
 
 from jaxmed import strategies
 from jaxmed.optim import make_optimizer
 from jaxmed.strategies.base import leaf_kind, module_of
+from tests.strategies.test_strategies import TARGETS, Tiny, leaves_of, optim_config
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ pytest.importorskip("skimage")
 
 from jaxmed.data import corpus  # noqa: E402
 
-ASSET = os.path.join(os.path.dirname(__file__), "..", "jaxmed", "assets", "tiny-sd")
+ASSET = os.path.join(os.path.dirname(__file__), "..", "..", "jaxmed", "assets", "tiny-sd")
 MEDICAL_WORDS = ("x-ray", "xray", "chest", "radiograph", "lung", "medical", "retina", "cell",
                  "tissue", "microscop", "phantom", "mri", "ct scan", "kidney", "brain")
 
