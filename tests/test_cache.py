@@ -15,7 +15,7 @@ from jaxmed import train
 from jaxmed.cache import LatentCache, TextCache, params_hash
 from jaxmed.data import read_chexpert_csv
 from jaxmed.strategies.base import flatten
-from tests.conftest import write_chexpert_dataset
+from tests.helpers import write_chexpert_dataset
 from tests.train_worker import config as make_config
 
 

@@ -15,7 +15,7 @@ import pytest
 from jaxmed import optim
 from jaxmed.cli import load_config
 from jaxmed.kernels import cpu_adamw
-from tests.conftest import kernel_without_compiler
+from tests.helpers import kernel_without_compiler
 
 needs_kernel = pytest.mark.skipif(not cpu_adamw.available(),
                                   reason="no C++ compiler: the kernel cannot be built here")

@@ -24,6 +24,7 @@ from jaxmed.data.labels import LABELS
 from jaxmed.diffusion import sampling
 from jaxmed.images import grid
 from jaxmed.strategies.base import flatten
+from tests.helpers import ROOT
 from tests.train_worker import config as make_config
 
 SEED = 7
@@ -31,8 +32,6 @@ STEPS = 10  # PNDM, guidance 7.5: shared by the parity and synthesis tests (one 
 GUIDANCE = 7.5
 BATCH = 2
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ print("RESULT " + json.dumps(report))
 
 def test_same_images_on_1_and_8_devices(tiny_sd_folder, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.setdefault("JAXMED_COMPILATION_CACHE", os.path.join(ROOT, ".jax_cache"))
     env["JAXMED_COMPILATION_CACHE"] = os.path.abspath(env["JAXMED_COMPILATION_CACHE"])
     proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, tiny_sd_folder,

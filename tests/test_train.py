@@ -19,7 +19,7 @@ from jaxmed.checkpoint import Checkpointer
 from jaxmed.cli import ConfigError, load_config, set_override
 from jaxmed.data import Batches
 from jaxmed.strategies.base import flatten
-from tests.conftest import write_chexpert_dataset
+from tests.helpers import write_chexpert_dataset
 from tests.train_worker import config as make_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))

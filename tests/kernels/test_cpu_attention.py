@@ -9,7 +9,7 @@ import pytest
 
 from jaxmed.kernels import cpu_attention, dispatch
 from jaxmed.models import layers
-from tests.conftest import kernel_without_compiler, run_on_8_cpu_devices
+from tests.helpers import kernel_without_compiler, run_on_8_cpu_devices
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxmed.kernels import cpu_dense, dispatch
-from tests.conftest import kernel_without_compiler, run_on_8_cpu_devices
+from tests.helpers import kernel_without_compiler, run_on_8_cpu_devices
 
 pytestmark = pytest.mark.skipif(not cpu_dense.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")
