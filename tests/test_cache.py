@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import write_chexpert_dataset
 from PIL import Image
 
 from jaxmed import train
 from jaxmed.cache import LatentCache, TextCache, params_hash
 from jaxmed.data import read_chexpert_csv
 from jaxmed.strategies.base import flatten
-
-sys.path.insert(0, os.path.dirname(__file__))
-from train_worker import config as make_config  # noqa: E402
+from tests.helpers import write_chexpert_dataset
+from tests.train_worker import config as make_config
 
 
 @pytest.mark.parametrize("name", ["unet", "lora"])

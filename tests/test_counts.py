@@ -11,8 +11,7 @@ import pytest
 
 from jaxmed import counts, strategies
 from jaxmed.models import tiny, weights
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def _main(capsys, *argv):

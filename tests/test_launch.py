@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 TPU_POD = ROOT / "launch" / "tpu_pod.sh"
 GPU = ROOT / "launch" / "gpu.sh"
 

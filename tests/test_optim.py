@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import kernel_without_compiler
 
 from jaxmed import optim
 from jaxmed.cli import load_config
 from jaxmed.kernels import cpu_adamw
+from tests.helpers import kernel_without_compiler
 
 needs_kernel = pytest.mark.skipif(not cpu_adamw.available(),
                                   reason="no C++ compiler: the kernel cannot be built here")

@@ -24,14 +24,14 @@ from jaxmed.data.labels import LABELS
 from jaxmed.diffusion import sampling
 from jaxmed.images import grid
 from jaxmed.strategies.base import flatten
+from tests.helpers import ROOT
+from tests.train_worker import config as make_config
 
 SEED = 7
 STEPS = 10  # PNDM, guidance 7.5: shared by the parity and synthesis tests (one compile)
 GUIDANCE = 7.5
 BATCH = 2
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ print("RESULT " + json.dumps(report))
 
 def test_same_images_on_1_and_8_devices(tiny_sd_folder, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.setdefault("JAXMED_COMPILATION_CACHE", os.path.join(ROOT, ".jax_cache"))
     env["JAXMED_COMPILATION_CACHE"] = os.path.abspath(env["JAXMED_COMPILATION_CACHE"])
     proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, tiny_sd_folder,
@@ -340,9 +340,6 @@ def test_load_for_sampling_workdir(tiny_sd_folder, tmp_path):
 def test_load_for_sampling_from_a_checkpoint(tiny_sd_folder, tiny_dataset, tmp_path):
     """A workdir without export/: the latest checkpoint restored and the adapter folded in
     gives exactly the params the training run exports."""
-    sys.path.insert(0, HERE)
-    from train_worker import config as make_config
-
     wd = str(tmp_path / "lora")
     c = make_config("lora", tiny_sd_folder, tiny_dataset, **{
         "train.max_steps": 1, "checkpoint.every_steps": 1, "optim.grad_accum": 1,

@@ -13,18 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import write_chexpert_dataset
 
 from jaxmed import losses, strategies, train
 from jaxmed.checkpoint import Checkpointer
 from jaxmed.cli import ConfigError, load_config, set_override
 from jaxmed.data import Batches
 from jaxmed.strategies.base import flatten
+from tests.helpers import write_chexpert_dataset
+from tests.train_worker import config as make_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "train_worker.py")
-sys.path.insert(0, HERE)
-from train_worker import config as make_config  # noqa: E402
 
 
 def _worker(*args, env=None, **kw):

@@ -23,11 +23,11 @@ from jaxmed.data import (
     read_image_folder,
     read_records,
 )
-from jaxmed.data.labels import CSV_COLUMNS, LABELS
+from jaxmed.data.labels import LABELS
 from jaxmed.data.tfds import read_tfds_chexpert, tfds_labels_to_study
+from tests.helpers import CSV_HEADER
 
 RES = 32
-HEADER = ",".join(CSV_COLUMNS)
 # (view, labels in LABELS order) per CSV row; rows 3 and 7 are lateral.
 ROWS = [
     ("Frontal", [1, 0, 0, 0, 0, 0, 0, 0]),
@@ -50,7 +50,7 @@ def _csv_path(i):
     return f"CheXpert-v1.0/train/patient{i:05d}/study1/view1_{view}.png"
 
 
-def _write_csv(path, rows=ROWS, header=HEADER, paths=None):
+def _write_csv(path, rows=ROWS, header=CSV_HEADER, paths=None):
     lines = [header]
     for i, (view, lab) in enumerate(rows):
         p = paths[i] if paths else _csv_path(i)
@@ -154,7 +154,7 @@ def test_path_rewrite_and_frontal_filter(dataset):
 
 
 def test_missing_label_column_names_it(tmp_path):
-    header = HEADER.replace(",Edema", "")
+    header = CSV_HEADER.replace(",Edema", "")
     rows = [(v, lab[:3] + lab[4:]) for v, lab in ROWS]
     csv = _write_csv(tmp_path / "bad.csv", rows, header)
     with pytest.raises(ValueError) as e:

@@ -12,8 +12,9 @@ from PIL import Image
 pytest.importorskip("skimage")
 
 from jaxmed.data import corpus  # noqa: E402
+from tests.helpers import ROOT  # noqa: E402
 
-ASSET = os.path.join(os.path.dirname(__file__), "..", "jaxmed", "assets", "tiny-sd")
+ASSET = os.path.join(ROOT, "jaxmed", "assets", "tiny-sd")
 MEDICAL_WORDS = ("x-ray", "xray", "chest", "radiograph", "lung", "medical", "retina", "cell",
                  "tissue", "microscop", "phantom", "mri", "ct scan", "kidney", "brain")
 

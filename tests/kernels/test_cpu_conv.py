@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import kernel_without_compiler, run_on_8_cpu_devices
 from jax import lax
 
 from jaxmed.kernels import cpu_conv
 from jaxmed.models import layers
+from tests.helpers import kernel_without_compiler, run_on_8_cpu_devices
 
 pytestmark = pytest.mark.skipif(not cpu_conv.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")

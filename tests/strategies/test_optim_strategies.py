@@ -2,7 +2,7 @@
 optimizer state only for trainable leaves, the guarded AdamW equals optax's, and gradient
 clipping covers adapters unless optim.clip_adapters=False.
 
-Uses the small text encoder + UNet of test_strategies.py (`Tiny`).
+Uses the small text encoder + UNet of tests.helpers (`TinyTextUNet`, the `tiny` fixture).
 """
 
 from __future__ import annotations
@@ -12,17 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_strategies import TARGETS, Tiny, leaves_of, optim_config
 
 from jaxmed import strategies
 from jaxmed.optim import make_optimizer
 from jaxmed.strategies.base import leaf_kind, module_of
-
-
-@pytest.fixture(scope="module")
-def tiny(torch):
-    return Tiny(torch)
-
+from tests.helpers import TARGETS, leaves_of, optim_config
 
 # ---------------------------------------------------------------------------------------
 # Optimizer steps: only the intended leaves move; optimizer state only for trainable leaves

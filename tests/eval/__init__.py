@@ -1,0 +1,1 @@
+"""Tests of jaxmed.eval: FID / Vendi, the Inception network, the downstream classifier."""

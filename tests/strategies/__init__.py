@@ -1,0 +1,2 @@
+"""Tests of jaxmed.strategies: the registry, peft parity and format, the optimizer over
+each strategy."""
