@@ -14,7 +14,7 @@ function usable under ``jax.jit``, ``lax.scan`` and ``lax.fori_loop``::
 (a scheduler_config.json dict or a `NoiseSchedule`) is read as `jaxmed.diffusion.schedule`
 describes; each family's steps are in its own module (ddpm.py: DDPM and DDIM, pndm.py,
 dpm_solver.py). Results match diffusers' schedulers step for step in float32 (see
-tests/test_schedulers.py).
+tests/diffusion/test_schedulers.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Configuration is a diffusers ``scheduler_config.json`` dict; keys a sampler does
 ignored (as diffusers does), keys missing from it take that diffusers scheduler class's
 default, and values we do not implement raise ``ValueError`` naming the key and the value.
 The samplers that step these schedules are in `jaxmed.diffusion.samplers`. Results match
-diffusers' schedulers step for step in float32 (see tests/test_schedulers.py).
+diffusers' schedulers step for step in float32 (see tests/diffusion/test_schedulers.py).
 """
 
 from __future__ import annotations
