@@ -21,12 +21,14 @@ it. ``--sweep`` finds the largest per-chip batch that fits (doubling, then bisec
 
 A TPU topology needs libtpu (``pip install 'jaxmed[tpu-plan]'``); JAX then runs on the CPU
 (``JAX_PLATFORMS=cpu``) and libtpu only compiles. With ``$JAXMED_COMPILATION_CACHE`` (or
-``$JAXMED_CACHE``) set, compiled programs go to JAX's persistent cache, so a repeated plan
-loads instead of compiling (its compile time is then the load time).
+``$JAXMED_CACHE``) set, ``--topology cpu`` plans go to JAX's persistent compilation cache
+(a repeated plan then reports the load time as its compile time); TPU plans do not, since
+JAX cannot load a deviceless TPU executable back from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -76,6 +78,10 @@ def _bytes(n: float | None) -> str:
     return f"{int(n)} B"
 
 
+def _unit(what: str) -> str:
+    return "step" if what == "train" else "call"
+
+
 def _seconds(s: float) -> str:
     return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} us"
 
@@ -92,9 +98,10 @@ def compile_step(step: Step, topo: Topology, n_chips: int, *, quiet: bool = Fals
     """Lower and compile ``step``; a dict of what the compiled program needs per chip.
     ``status``: ``ok`` | ``oom`` (does not fit: the compiler said so, or the total exceeds
     the chip's memory) | ``error`` (another compile failure, with its message)."""
-    out: dict[str, Any] = {"per_device_batch": step.per_device_batch, "images": step.images}
-    _say(f"lowering (per-chip batch {step.per_device_batch}, {step.images} images a step)...",
-         quiet)
+    out: dict[str, Any] = {"what": step.what, "per_device_batch": step.per_device_batch,
+                           "images": step.images}
+    _say(f"lowering (per-chip batch {step.per_device_batch}, {step.images} images a "
+         f"{_unit(step.what)})...", quiet)
     t0 = time.perf_counter()
     traced = step.jitted.trace(*step.args)
     lowered = traced.lower()
@@ -172,8 +179,8 @@ def _flops(out: dict, compiled, scans: list[int], step: Step, topo: Topology,
         images //= step.accum
         out["flops_note"] = ("gradient accumulation is a loop, whose body XLA counts once: "
                              "per chip per micro-batch; per image from one micro-batch")
-    elif step.loop_steps > 1 and step.loop_steps in scans:
-        out["flops_note"] = (f"XLA counts the {step.loop_steps}-step denoising loop's body "
+    elif step.what == "sample" and scans:
+        out["flops_note"] = (f"XLA counts the {max(scans)}-iteration denoising loop's body "
                              "once: text encoder + one denoising step + VAE decoder")
     out["flops_per_image"] = flops * n_chips / images
     if topo.peak_flops:
@@ -203,8 +210,9 @@ def knobs(config: ml_collections.ConfigDict, result: dict, n_chips: int) -> list
 
 def format_result(result: dict, topo: Topology, n_chips: int) -> str:
     cap = result.get("capacity_bytes", topo.capacity_bytes)
+    unit = _unit(result.get("what", "train"))
     lines = [f"{topo.name}: {n_chips} x {topo.chip_name}, per-chip batch "
-             f"{result['per_device_batch']}, {result['images']} images a step"]
+             f"{result['per_device_batch']}, {result['images']} images a {unit}"]
     mem = result.get("memory_bytes")
     if mem:
         of = f"{_bytes(cap)} HBM" if topo.chip else f"{_bytes(cap)} host RAM"
@@ -215,12 +223,12 @@ def format_result(result: dict, topo: Topology, n_chips: int) -> str:
                   f"  total {_bytes(mem['total'])} of {of} ({100 * mem['total'] / cap:.0f}%)"]
     fl = result.get("flops_per_chip")
     if fl:
-        line = (f"  FLOPs per chip per step {fl:.3e} as XLA counts them, "
+        line = (f"  FLOPs per chip per {unit} {fl:.3e} as XLA counts them, "
                 f"{result['flops_per_image']:.3e} per image")
         ideal = result.get("ideal_step_s")
         if ideal:
             line += (f"; at the {topo.chip.peak_tflops:g} TFLOP/s bf16 peak "
-                     f"{_seconds(ideal)} a step ({result['images'] / ideal:,.1f} images/s)")
+                     f"{_seconds(ideal)} a {unit} ({result['images'] / ideal:,.1f} images/s)")
         lines.append(line)
         if result.get("flops_note"):
             lines.append(f"  ({result['flops_note']})")
@@ -308,10 +316,31 @@ def _jsonable(x):
     return x
 
 
+@contextlib.contextmanager
+def _persistent_cache(on: bool):
+    """JAX's persistent cache writes a deviceless TPU executable but cannot read it back
+    ("PjRtCompiler must be constructed with a Client to call DeserializeLoadedExecutable":
+    a warning, then a compile anyway), so it is off while compiling for a TPU topology."""
+    old = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", bool(on and old))
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", old)
+
+
 def run(config: ml_collections.ConfigDict, topology: str, *, what: str = "train",
         do_sweep: bool = False, sweep_max: int = 1024, sample_steps: int | None = None,
         json_path: str | None = None, quiet: bool = False) -> dict:
+    """Plan ``config`` on ``topology``; the report `--json` writes (also returned)."""
     topo = plan_topologies.get(topology)
+    with _persistent_cache(topo.platform != "tpu"):
+        return _run(config, topo, what=what, do_sweep=do_sweep, sweep_max=sweep_max,
+                    sample_steps=sample_steps, json_path=json_path, quiet=quiet)
+
+
+def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, json_path,
+         quiet) -> dict:
     devs = plan_topologies.devices(topo)
     m = config.model
     _say(f"{what} step of {config.strategy.name} ({m.get('arch') or m.path}, "

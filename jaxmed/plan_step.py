@@ -76,7 +76,7 @@ class Step:
     replicas: int
     images: int  # images one call processes (the global batch of one optimizer step)
     notes: dict
-    loop_steps: int = 1  # denoising steps of a sampling call
+    what: str = "train"  # or "sample"
 
 
 def abstract_train_step(config: ml_collections.ConfigDict, sd: StableDiffusion,
@@ -168,4 +168,4 @@ def abstract_sample_step(config: ml_collections.ConfigDict, sd: StableDiffusion,
     args = (params, ids, ids, jax.ShapeDtypeStruct((n,), jnp.int32))
     return Step(fn.jitted, args, per_device, 1, fn.replicas, n,
                 {"sampler": log.sample_sampler, "steps": num_steps,
-                 "guidance_scale": log.guidance_scale}, loop_steps=num_steps)
+                 "guidance_scale": log.guidance_scale}, what="sample")
