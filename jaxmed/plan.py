@@ -19,11 +19,11 @@ it. ``--sweep`` finds the largest per-chip batch that fits (doubling, then bisec
 ``--what sample`` compiles `jaxmed.sample.make_sample_fn`'s sampling loop instead (the
 ``config.log.sample_*`` settings, ``--sample-steps`` denoising steps).
 
-A TPU topology needs libtpu (``pip install 'jaxmed[tpu-plan]'``); JAX then runs on the CPU
-(``JAX_PLATFORMS=cpu``) and libtpu only compiles. With ``$JAXMED_COMPILATION_CACHE`` (or
-``$JAXMED_CACHE``) set, ``--topology cpu`` plans go to JAX's persistent compilation cache
-(a repeated plan then reports the load time as its compile time); TPU plans do not, since
-JAX cannot load a deviceless TPU executable back from it.
+A TPU topology needs libtpu (``pip install 'jaxmed[tpu-plan]'``), which only compiles: no
+TPU is attached or used (set ``JAX_PLATFORMS=cpu`` on a TPU VM busy training). With
+``$JAXMED_COMPILATION_CACHE`` (or ``$JAXMED_CACHE``) set, ``--topology cpu`` plans go to
+JAX's persistent compilation cache (a repeated plan then reports the load time as its
+compile time); TPU plans do not, since JAX cannot load a deviceless TPU executable back.
 """
 
 from __future__ import annotations
@@ -421,8 +421,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         topo = plan_topologies.get(args.topology)
         if topo.platform == "tpu":
             plan_topologies.require_libtpu()
-            if "JAX_PLATFORMS" not in os.environ:
-                jax.config.update("jax_platforms", "cpu")  # libtpu compiles; it runs nothing
         cache = _enable_cache_if_configured()
         if cache:
             _say(f"persistent compilation cache: {cache}", args.quiet)
