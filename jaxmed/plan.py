@@ -24,13 +24,13 @@ TPU is attached or used (set ``JAX_PLATFORMS=cpu`` on a TPU VM busy training). W
 ``$JAXMED_COMPILATION_CACHE`` (or ``$JAXMED_CACHE``) set, ``--topology cpu`` plans go to
 JAX's persistent compilation cache (a repeated plan then reports the load time as its
 compile time); TPU plans do not, since JAX cannot load a deviceless TPU executable back.
+Exit status: 0 fits, 1 does not fit (or nothing does, with ``--sweep``), 2 bad input (one
+line on stderr), 3 another compile failure.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import re
 import sys
@@ -42,6 +42,7 @@ import jax
 import ml_collections
 
 from jaxmed import plan_topologies, sharding
+from jaxmed.files import write_json
 from jaxmed.plan_step import (
     PlanError,
     Step,
@@ -99,7 +100,7 @@ def compile_step(step: Step, topo: Topology, n_chips: int, *, quiet: bool = Fals
     ``status``: ``ok`` | ``oom`` (does not fit: the compiler said so, or the total exceeds
     the chip's memory) | ``error`` (another compile failure, with its message)."""
     out: dict[str, Any] = {"what": step.what, "per_device_batch": step.per_device_batch,
-                           "images": step.images}
+                           "images": step.images, "capacity_bytes": topo.capacity_bytes}
     _say(f"lowering (per-chip batch {step.per_device_batch}, {step.images} images a "
          f"{_unit(step.what)})...", quiet)
     t0 = time.perf_counter()
@@ -114,14 +115,15 @@ def compile_step(step: Step, topo: Topology, n_chips: int, *, quiet: bool = Fals
     except Exception as err:  # noqa: BLE001 - XLA raises one runtime error type for all
         out["compile_s"] = round(time.perf_counter() - t0, 2)
         text = str(err)
+        # The compiler's whole message (for an OOM: the largest buffers) goes to the JSON.
+        out["detail"] = text[:20000]
         if _OOM.search(text):
             out.update(status="oom", message=_first_line(err, _OOM))
         else:
             out.update(status="error", message=_first_line(err, _CPU_CALL))
             if _CPU_CALL.search(text):
-                out["hint"] = ("a CPU-only custom call (jaxmed's CPU kernels) reached a TPU "
-                               "compile: the kernels are chosen by jax.default_backend(), not "
-                               "by the platform compiled for; JAXMED_CPU_ATTENTION=0 "
+                out["hint"] = ("a CPU-only custom call (one of jaxmed's CPU kernels) reached "
+                               "a compile for another platform; JAXMED_CPU_ATTENTION=0 "
                                "JAXMED_CPU_CONV=0 JAXMED_CPU_DENSE=0 JAXMED_CPU_ADAMW=0 "
                                "turns them off")
         return out
@@ -129,7 +131,6 @@ def compile_step(step: Step, topo: Topology, n_chips: int, *, quiet: bool = Fals
     out["memory_bytes"] = _memory(compiled)
     _flops(out, compiled, _top_scans(traced.jaxpr), step, topo, n_chips)
     cap = topo.capacity_bytes
-    out["capacity_bytes"] = cap
     m = out["memory_bytes"]
     fits = m is None or m["total"] <= cap
     out["status"] = "ok" if fits else "oom"
@@ -310,12 +311,6 @@ def sweep(config, topo: Topology, devs, *, what: str = "train",
 # Command line
 
 
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 @contextlib.contextmanager
 def _persistent_cache(on: bool):
     """JAX's persistent cache writes a deviceless TPU executable but cannot read it back
@@ -362,7 +357,9 @@ def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, jso
         report.update(res)
         best = res["largest_per_device_batch"]
         if best:
-            line = f"largest per-chip batch that fits {topo.name}: {best}"
+            line = f"largest per-chip batch that fits {topo.name}: {best}" + (
+                f" (--sweep-max {sweep_max}: larger ones not tried)"
+                if res["first_too_large"] is None else "")
             last = next(t for t in res["trials"] if t["per_device_batch"] == best)
             report["result"] = last
         else:
@@ -374,18 +371,18 @@ def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, jso
         report["result"] = compile_step(step, topo, len(devs), quiet=quiet)
         line = None
     result = report["result"]
+    if result["status"] == "oom":
+        report["knobs"] = knobs(config, result, len(devs))
     if not quiet:
         print(format_result(result, topo, len(devs)))
-        if result["status"] == "oom":
-            print("  to make it fit, turn (in this order):")
-            for k in knobs(config, result, len(devs)):
+        if report.get("knobs"):
+            print("  to make it fit, turn (likeliest first):")
+            for k in report["knobs"]:
                 print(f"    {k}")
         if line:
             print(line)
     if json_path:
-        from jaxmed.files import write_json
-
-        write_json(json_path, json.loads(json.dumps(report, default=_jsonable)))
+        write_json(json_path, report)
         _say(f"wrote {json_path}", quiet)
     return report
 
@@ -422,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if topo.platform == "tpu":
             plan_topologies.require_libtpu()
         cache = _enable_cache_if_configured()
-        if cache:
+        if cache and topo.platform == "cpu":
             _say(f"persistent compilation cache: {cache}", args.quiet)
         report = run(config, args.topology, what=args.what, do_sweep=args.sweep,
                      sweep_max=args.sweep_max, sample_steps=args.sample_steps,
