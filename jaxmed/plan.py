@@ -70,6 +70,16 @@ _CPU_CALL = re.compile(r"Custom emitter for (\S+) not found|custom.call.*target.
                        re.I)
 
 
+# XLA:TPU's "required for HLO temporaries (39.03G) exceeds available HBM (15.75G)"; its G
+# is 2**30 bytes.
+_NEED = re.compile(r"required for (?P<what>[\w ]+?) \((?P<req>[\d.]+)(?P<ru>[KMGT]?)\) "
+                   r"exceeds available \w+ \((?P<avail>[\d.]+)(?P<au>[KMGT]?)\)")
+
+
+def _parse_bytes(number: str, unit: str) -> int:
+    return int(float(number) * 2 ** (10 * " KMGT".index(unit or " ")))
+
+
 def _bytes(n: float | None) -> str:
     if n is None:
         return "n/a"
@@ -119,6 +129,11 @@ def compile_step(step: Step, topo: Topology, n_chips: int, *, quiet: bool = Fals
         out["detail"] = text[:20000]
         if _OOM.search(text):
             out.update(status="oom", message=_first_line(err, _OOM))
+            need = _NEED.search(text)
+            if need:
+                out["oom"] = {"what": need["what"],
+                              "required_bytes": _parse_bytes(need["req"], need["ru"]),
+                              "available_bytes": _parse_bytes(need["avail"], need["au"])}
         else:
             out.update(status="error", message=_first_line(err, _CPU_CALL))
             if _CPU_CALL.search(text):
@@ -204,8 +219,10 @@ def knobs(config: ml_collections.ConfigDict, result: dict, n_chips: int) -> list
                    f"{config.mesh.data} fsdp={config.mesh.fsdp}: shard params, gradients and "
                    "optimizer state over the chips instead of replicating them)")
     mem = result.get("memory_bytes") or {}
-    if mem and mem.get("arguments", 0) > mem.get("temporaries", 0) and len(out) > 1:
-        out.insert(0, out.pop())  # state dominates: sharding it helps most
+    state_heavy = ("argument" in (result.get("oom") or {}).get("what", "")
+                   or mem.get("arguments", 0) > mem.get("temporaries", 0))
+    if state_heavy and config.mesh.fsdp < n_chips and n_chips > 1:
+        out.insert(0, out.pop())  # the state dominates: sharding it helps most
     return out
 
 
@@ -238,6 +255,10 @@ def format_result(result: dict, topo: Topology, n_chips: int) -> str:
     status = result["status"]
     lines.append("  fits" if status == "ok" else f"  DOES NOT FIT: {result.get('message')}"
                  if status == "oom" else f"  COMPILE FAILED: {result.get('message')}")
+    if result.get("oom"):
+        o = result["oom"]
+        lines.append(f"  ({o['what']}: {_bytes(o['required_bytes'])} needed, "
+                     f"{_bytes(o['available_bytes'])} available per chip)")
     if result.get("hint"):
         lines.append(f"  hint: {result['hint']}")
     return "\n".join(lines)
@@ -388,11 +409,13 @@ def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, jso
 
 
 def _enable_cache_if_configured() -> str | None:
-    if not (os.environ.get("JAXMED_COMPILATION_CACHE") or os.environ.get("JAXMED_CACHE")):
-        return None
-    from jaxmed.cli import enable_compilation_cache
+    """The persistent cache dir: as already set in this process, else as `jaxmed.cli` sets
+    it when ``$JAXMED_COMPILATION_CACHE`` or ``$JAXMED_CACHE`` names one, else none."""
+    if jax.config.jax_compilation_cache_dir is None and (
+            os.environ.get("JAXMED_COMPILATION_CACHE") or os.environ.get("JAXMED_CACHE")):
+        from jaxmed.cli import enable_compilation_cache
 
-    enable_compilation_cache()
+        enable_compilation_cache()
     return jax.config.jax_compilation_cache_dir
 
 

@@ -74,6 +74,22 @@ def test_tiny_unet_step_for_tpu_v5e_memory_flops_ideal_time(monkeypatch, tmp_pat
     assert "TFLOP/s bf16 peak" in text and "fits" in text
 
 
+@needs_libtpu
+def test_too_large_for_tpu_says_what_to_turn(capsys, tmp_path, monkeypatch):
+    for switch in CPU_KERNEL_SWITCHES:
+        monkeypatch.setenv(switch, "0")
+    out = tmp_path / "oom.json"
+    argv = tiny_argv(**{"train.per_device_batch": "32768"})
+    assert plan.main([*argv, "--topology", "v5e-1", "--json", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "DOES NOT FIT" in printed and "--config.model.remat=True" in printed
+    report = json.loads(out.read_text())
+    oom = report["result"]["oom"]
+    assert report["result"]["status"] == "oom" and oom["what"] == "HLO temporaries"
+    assert oom["required_bytes"] > oom["available_bytes"] > 15 * 2**30
+    assert report["knobs"][0].startswith("--config.train.per_device_batch=N (now 32768")
+
+
 def test_cpu_topology_then_sweep(capsys, tmp_path):
     out = tmp_path / "cpu.json"
     assert plan.main([*tiny_argv(), "--topology", "cpu", "--json", str(out)]) == 0
