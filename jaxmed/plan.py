@@ -250,7 +250,9 @@ def format_result(result: dict, topo: Topology, n_chips: int) -> str:
         lines.append(line)
         if result.get("flops_note"):
             lines.append(f"  ({result['flops_note']})")
-    lines.append(f"  lowered in {result['lower_s']:.1f} s, compiled in "
+    lines.append((f"  abstract state built in {result['build_s']:.1f} s, "
+                  if "build_s" in result else "  ")
+                 + f"lowered in {result['lower_s']:.1f} s, compiled in "
                  f"{result['compile_s']:.1f} s")
     status = result["status"]
     lines.append("  fits" if status == "ok" else f"  DOES NOT FIT: {result.get('message')}"
@@ -296,9 +298,11 @@ def sweep(config, topo: Topology, devs, *, what: str = "train",
     trials: dict[int, dict] = {}
 
     def fits(b: int) -> bool:
+        t0 = time.perf_counter()
         step = make_step(with_batch(config, b), topo, devs, what=what,
                          sample_steps=sample_steps)
-        r = compile_fn(step, topo, len(devs), quiet=quiet)
+        build_s = round(time.perf_counter() - t0, 2)
+        r = {**compile_fn(step, topo, len(devs), quiet=quiet), "build_s": build_s}
         trials[b] = r
         if r["status"] == "error":
             raise PlanError(f"per-chip batch {b}: compile failed: {r['message']}"
@@ -387,9 +391,12 @@ def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, jso
             line = f"nothing fits {topo.name}, not even a per-chip batch of 1"
             report["result"] = res["trials"][0]
     else:
+        t0 = time.perf_counter()
         step = make_step(config, topo, devs, what=what, sample_steps=sample_steps)
+        build_s = round(time.perf_counter() - t0, 2)
         report["notes"] = step.notes
-        report["result"] = compile_step(step, topo, len(devs), quiet=quiet)
+        report["result"] = {**compile_step(step, topo, len(devs), quiet=quiet),
+                            "build_s": build_s}
         line = None
     result = report["result"]
     if result["status"] == "oom":
