@@ -42,6 +42,7 @@ import jax
 import ml_collections
 
 from jaxmed import plan_topologies, sharding
+from jaxmed.cli import enable_compilation_cache, parse
 from jaxmed.files import write_json
 from jaxmed.plan_step import (
     PlanError,
@@ -420,15 +421,11 @@ def _enable_cache_if_configured() -> str | None:
     it when ``$JAXMED_COMPILATION_CACHE`` or ``$JAXMED_CACHE`` names one, else none."""
     if jax.config.jax_compilation_cache_dir is None and (
             os.environ.get("JAXMED_COMPILATION_CACHE") or os.environ.get("JAXMED_CACHE")):
-        from jaxmed.cli import enable_compilation_cache
-
         enable_compilation_cache()
     return jax.config.jax_compilation_cache_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jaxmed.cli import parse
-
     try:
         config, args = parse(
             argv, "python -m jaxmed.plan", __doc__.split("\n\n")[0], workdir_required=False,

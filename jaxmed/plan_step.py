@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxmed import sharding, train
-from jaxmed.models.sd import StableDiffusion
+from jaxmed import inspect, sharding, train
+from jaxmed.models import tiny, weights
+from jaxmed.models.sd import StableDiffusion, resolve
 from jaxmed.optim import make_optimizer
+from jaxmed.sample import make_sample_fn
 
 
 class PlanError(ValueError):
@@ -29,10 +31,6 @@ class PlanError(ValueError):
 
 def model_configs(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     """(component configs, scheduler config) for ``config.model``, reading no weights."""
-    from jaxmed import inspect
-    from jaxmed.models import tiny, weights
-    from jaxmed.models.sd import resolve
-
     arch, path = config.model.get("arch", "") or "", config.model.path
     if arch:
         return inspect.arch_configs(arch), tiny.SD15_SCHEDULER
@@ -153,8 +151,6 @@ def abstract_sample_step(config: ml_collections.ConfigDict, sd: StableDiffusion,
                          mesh: jax.sharding.Mesh, num_steps: int) -> Step:
     """`make_sample_fn`'s jitted loop as `jaxmed.sample` runs it on a mesh: parameters
     replicated, the batch sharded; per-chip batch from ``config.train.per_device_batch``."""
-    from jaxmed.sample import make_sample_fn
-
     strategy = train.build_strategy(config.strategy)
     log = config.log
     fn = make_sample_fn(sd, sampler=log.sample_sampler, num_steps=num_steps,

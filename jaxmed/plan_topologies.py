@@ -16,6 +16,7 @@ import importlib
 import os
 
 import jax
+from jax.experimental import topologies
 
 INSTALL_HINT = "pip install 'jaxmed[tpu-plan]'"
 
@@ -135,8 +136,6 @@ def devices(topo: Topology) -> list:
         return devs
     require_libtpu()
     prepare_environment(topo)
-    from jax.experimental import topologies
-
     desc = topologies.get_topology_desc(
         platform="tpu", topology_name=topo.topology, chip_config_name=topo.chip_config,
         chips_per_host_bounds=topo.host_bounds, num_slices=1, wrap=topo.wrap)
