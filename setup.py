@@ -48,5 +48,8 @@ setup(
             "ruff>=0.4",
         ],
         "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.15"],
+        # `python -m jaxmed.plan` for TPU topologies: libtpu compiles for a slice without a
+        # TPU. jax's own extra pins the libtpu that matches the installed jax.
+        "tpu-plan": ["jax[tpu]"],
     },
 )
