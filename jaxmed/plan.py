@@ -8,7 +8,7 @@ TPU slice on a machine without TPUs, and read memory and FLOPs from the compiled
 
 Nothing is allocated: the parameters are `jax.ShapeDtypeStruct`s (``jax.eval_shape`` of the
 model's init), placed by the same sharding rules as `jaxmed.train`, and the step is the
-function `jaxmed.train` jits (`jaxmed.train.make_train_step`: strategy, optimizer, gradient
+function `jaxmed.train` jits (`jaxmed.train.jit_train_step`: strategy, optimizer, gradient
 accumulation, donated state), lowered and compiled for ``--topology`` (``v5e-1``,
 ``v5e-4``, ``v5e-8``, ``v4-8``, ``v5p-8``, ``v6e-8``, ... or ``cpu``, this machine;
 `jaxmed.plan_topologies`). It prints per-chip memory (arguments, outputs, temporaries,
@@ -16,7 +16,7 @@ generated code, total against the chip's HBM), FLOPs per chip per step (XLA's co
 analysis), the step time at the chip's bf16 peak, and how long lowering and compiling
 took. When the step does not fit, the compiler's message and the config keys that shrink
 it. ``--sweep`` finds the largest per-chip batch that fits (doubling, then bisection).
-``--what sample`` compiles `jaxmed.sample.make_sample_fn`'s sampling loop instead (the
+``--what sample`` compiles `jaxmed.diffusion.sampling.make_sample_fn`'s loop instead (the
 ``config.log.sample_*`` settings, ``--sample-steps`` denoising steps).
 
 A TPU topology needs libtpu (``pip install 'jaxmed[tpu-plan]'``), which only compiles: no
@@ -115,8 +115,10 @@ def compile_step(step: Step, topo: Topology, n_chips: int, *, quiet: bool = Fals
     _say(f"lowering (per-chip batch {step.per_device_batch}, {step.images} images a "
          f"{_unit(step.what)})...", quiet)
     t0 = time.perf_counter()
-    traced = step.jitted.trace(*step.args)
-    lowered = traced.lower()
+    # Traced as jaxmed.train and jaxmed.sample run it: with the activation constraints.
+    with sharding.activation_sharding(step.mesh):
+        traced = step.jitted.trace(*step.args)
+        lowered = traced.lower()
     out["lower_s"] = round(time.perf_counter() - t0, 2)
     _say(f"compiling for {topo.name} ({n_chips} x {topo.chip_name})... "
          f"[lowered in {out['lower_s']:.1f} s]", quiet)

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxmed import inspect, sharding, train
+from jaxmed import counts, sharding, train
+from jaxmed.checkpoint import TrainState
+from jaxmed.diffusion.sampling import make_sample_fn
 from jaxmed.models import tiny, weights
 from jaxmed.models.sd import StableDiffusion, resolve
 from jaxmed.optim import make_optimizer
-from jaxmed.sample import make_sample_fn
+from jaxmed.strategies import build_strategy
 
 
 class PlanError(ValueError):
@@ -33,11 +35,11 @@ def model_configs(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     """(component configs, scheduler config) for ``config.model``, reading no weights."""
     arch, path = config.model.get("arch", "") or "", config.model.path
     if arch:
-        return inspect.arch_configs(arch), tiny.SD15_SCHEDULER
+        return counts.arch_configs(arch), tiny.SD15_SCHEDULER
     if path.startswith("random:"):
         name, _, res = path[len("random:"):].partition("@")
         return tiny.configs(name, int(res or 128)), tiny.SD15_SCHEDULER
-    configs = inspect.folder_configs(path)
+    configs = counts.folder_configs(path)
     folder = resolve(path)
     sched = tiny.SD15_SCHEDULER
     if os.path.isdir(os.path.join(folder, "scheduler")):
@@ -57,10 +59,7 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------
-# MIRROR of `jaxmed.train.Trainer.__init__`'s placement, state and jit, without weights.
-# Keep in step with train.py until train.py offers this itself (a function returning the
-# jitted step and its abstract, sharded arguments for a config and a mesh, which Trainer
-# would then use too); swap `abstract_train_step` for it then.
+# The steps
 
 
 @dataclasses.dataclass
@@ -74,12 +73,13 @@ class Step:
     replicas: int
     images: int  # images one call processes (the global batch of one optimizer step)
     notes: dict
+    mesh: jax.sharding.Mesh
     what: str = "train"  # or "sample"
 
 
 def abstract_train_step(config: ml_collections.ConfigDict, sd: StableDiffusion,
                         mesh: jax.sharding.Mesh) -> Step:
-    strategy = train.build_strategy(config.strategy)
+    strategy = build_strategy(config.strategy)
     boxed = sd.abstract_variables()
     specs = sharding.param_specs(boxed, mesh)
     params = nn.meta.unbox(boxed)
@@ -88,21 +88,12 @@ def abstract_train_step(config: ml_collections.ConfigDict, sd: StableDiffusion,
     t_sh = sharding.tree_shardings(abs_t, mesh, specs)
     f_sh = sharding.tree_shardings(abs_f, mesh, specs)
     tx = make_optimizer(strategy, abs_t, config.optim)
-    # Trainer runs jax.jit(tx.init) on the placed trainable tree: the compiler's choice of
-    # output shardings is the optimizer state's placement, except for leaves made outside
-    # the mesh (the counts), which Trainer replicates on it.
-    opt_abs = jax.eval_shape(tx.init, abs_t)
-    opt_sh = jax.jit(tx.init).lower(_abstract(abs_t, t_sh)).compile().output_shardings
-    repl = sharding.replicated(mesh)
-    mesh_devices = set(mesh.devices.flat)
-    opt_sh = jax.tree_util.tree_map(
-        lambda s: s if s.device_set == mesh_devices else repl, opt_sh)
-    ema = config.train.ema_decay > 0
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
-    state = train.TrainState(step=scalar, trainable=_abstract(abs_t, t_sh),
-                             opt_state=_abstract(opt_abs, opt_sh),
-                             ema=_abstract(abs_t, t_sh) if ema else None, bad_step=scalar)
-    state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    trainable = _abstract(abs_t, t_sh)
+    state_sh = train.state_shardings(tx, trainable, mesh, config.train.ema_decay > 0)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=state_sh.step)
+    state = TrainState(step=scalar, trainable=trainable,
+                       opt_state=_abstract(jax.eval_shape(tx.init, abs_t), state_sh.opt_state),
+                       ema=trainable if state_sh.ema is not None else None, bad_step=scalar)
     frozen = _abstract(abs_f, f_sh)
 
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -111,23 +102,20 @@ def abstract_train_step(config: ml_collections.ConfigDict, sd: StableDiffusion,
     global_batch = per_device * replicas * accum
     batch = {k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s)))
              for k, (s, dt) in _train_batch(config, sd, strategy, global_batch).items()}
-    step_fn = train.make_train_step(sd, strategy, tx, config)
-    jitted = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sh, repl))
+    jitted = train.jit_train_step(sd, strategy, tx, config, state_sh, mesh)
     n_t = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abs_t))
     return Step(jitted, (state, frozen, batch), per_device, accum, replicas, global_batch,
                 {"strategy": strategy.name, "trainable_params": int(n_t),
-                 "batch": {k: list(v.shape) for k, v in batch.items()}})
+                 "batch": {k: list(v.shape) for k, v in batch.items()}}, mesh)
 
 
 def _train_batch(config, sd: StableDiffusion, strategy, n: int) -> dict:
     """Shapes of one optimizer step's batch, by Trainer's cache rules (cached latents when
     the VAE is frozen, cached text context when the text encoder is)."""
-    c, trains = config.cache, strategy.trains
-    for key in ("latents", "text"):
-        if c[key] not in ("auto", "on", "off"):
-            raise PlanError(f"cache.{key}={c[key]!r}: choose auto, on or off")
-    use_lat = c.latents == "on" or (c.latents == "auto" and "vae" not in trains)
-    use_txt = c.text == "on" or (c.text == "auto" and "text_encoder" not in trains)
+    try:
+        use_lat, use_txt = train.cache_use(config, strategy)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
     res, f = int(config.data.resolution), sd.vae_scale
     tokens = sd.text_encoder.config.max_position_embeddings
     out = {}
@@ -143,7 +131,6 @@ def _train_batch(config, sd: StableDiffusion, strategy, n: int) -> dict:
     return out
 
 
-# END MIRROR
 # ---------------------------------------------------------------------------------------
 
 
@@ -151,7 +138,7 @@ def abstract_sample_step(config: ml_collections.ConfigDict, sd: StableDiffusion,
                          mesh: jax.sharding.Mesh, num_steps: int) -> Step:
     """`make_sample_fn`'s jitted loop as `jaxmed.sample` runs it on a mesh: parameters
     replicated, the batch sharded; per-chip batch from ``config.train.per_device_batch``."""
-    strategy = train.build_strategy(config.strategy)
+    strategy = build_strategy(config.strategy)
     log = config.log
     fn = make_sample_fn(sd, sampler=log.sample_sampler, num_steps=num_steps,
                         guidance_scale=log.guidance_scale, height=config.data.resolution,
@@ -164,4 +151,4 @@ def abstract_sample_step(config: ml_collections.ConfigDict, sd: StableDiffusion,
     args = (params, ids, ids, jax.ShapeDtypeStruct((n,), jnp.int32))
     return Step(fn.jitted, args, per_device, 1, fn.replicas, n,
                 {"sampler": log.sample_sampler, "steps": num_steps,
-                 "guidance_scale": log.guidance_scale}, what="sample")
+                 "guidance_scale": log.guidance_scale}, mesh, what="sample")

@@ -56,9 +56,11 @@ log = logging.getLogger("jaxmed.train")
 
 
 def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
-                    config: ml_collections.ConfigDict):
+                    config: ml_collections.ConfigDict, platform: str | None = None):
     """``step(state, frozen, batch) -> (state, metrics)``; batch leading dim = the global
-    batch of one optimizer step (micro-batch x grad_accum)."""
+    batch of one optimizer step (micro-batch x grad_accum). ``platform``: the platform the
+    step is compiled for (its mesh's devices'; default: jax's default backend)."""
+    platform = platform or jax.default_backend()
     accum = int(config.optim.grad_accum)
     prediction_type = config.model.prediction_type or sd.prediction_type
     base_rng = jax.random.PRNGKey(config.seed)
@@ -108,7 +110,7 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
         # arithmetic); on accelerators it stays a lax.scan (one compiled body: less compile
         # time and memory).
         carry = (zeros, jnp.zeros(()), aux0)
-        if jax.default_backend() == "cpu":
+        if platform == "cpu":
             for i in range(accum):
                 carry, _ = body(carry, (jnp.asarray(i, jnp.int32),
                                         jax.tree_util.tree_map(lambda v, i=i: v[i], micro)))
@@ -155,6 +157,65 @@ def put(tree: Any, shardings: Any) -> Any:
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
     return jax.tree_util.tree_map(one, tree, shardings)
+
+
+def cache_use(config: ml_collections.ConfigDict, strategy: Strategy) -> tuple[bool, bool]:
+    """(latent cache on, text cache on) for this config and strategy: ``auto`` caches what
+    the strategy keeps frozen; ``on`` for a component it trains is an error."""
+    c, trains = config.cache, strategy.trains
+    for key in ("latents", "text"):
+        if c[key] not in ("auto", "on", "off"):
+            raise ValueError(f"cache.{key}={c[key]!r}: choose auto, on or off")
+    if c.latents == "on" and "vae" in trains:
+        raise ValueError(f"cache.latents=on, but strategy {strategy.name!r} trains the "
+                         "VAE: its latents change every step (use auto or off)")
+    if c.text == "on" and "text_encoder" in trains:
+        raise ValueError(f"cache.text=on, but strategy {strategy.name!r} trains the "
+                         "text encoder (use auto or off)")
+    use_lat = c.latents == "on" or (c.latents == "auto" and "vae" not in trains)
+    use_txt = c.text == "on" or (c.text == "auto" and "text_encoder" not in trains)
+    return use_lat, use_txt
+
+
+def opt_state_shardings(tx: Optimizer, trainable: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings for ``tx.init(trainable)`` (``trainable``: arrays or ShapeDtypeStructs
+    with shardings): a leaf that mirrors a trainable leaf (Adam's moments: the same path
+    suffix and shape) is sharded like it, so fsdp shards the moments with the weights; the
+    rest (counts) is replicated on the mesh."""
+    by_path = {path: (leaf.shape, leaf.sharding)
+               for path, leaf in jax.tree_util.tree_leaves_with_path(trainable)}
+    repl = sharding.replicated(mesh)
+
+    def pick(path, leaf):
+        for i in range(len(path)):
+            hit = by_path.get(tuple(path[i:]))
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return repl
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, trainable))
+
+
+def state_shardings(tx: Optimizer, trainable: Any, mesh: jax.sharding.Mesh,
+                    ema: bool) -> TrainState:
+    """The TrainState's shardings: weights (and EMA) as placed, moments like their weights,
+    counters replicated."""
+    repl = sharding.replicated(mesh)
+    t_sh = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
+    return TrainState(step=repl, trainable=t_sh,
+                      opt_state=opt_state_shardings(tx, trainable, mesh),
+                      ema=t_sh if ema else None, bad_step=repl)
+
+
+def jit_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
+                   config: ml_collections.ConfigDict, state_sh: TrainState,
+                   mesh: jax.sharding.Mesh):
+    """The step `jaxmed.train` runs (and `jaxmed.plan` compiles): state donated, state and
+    metrics placed on ``mesh``; compiled for the platform of the mesh's devices."""
+    platform = next(iter(mesh.devices.flat)).platform
+    step_fn = make_train_step(sd, strategy, tx, config, platform=platform)
+    return jax.jit(step_fn, donate_argnums=(0,),
+                   out_shardings=(state_sh, sharding.replicated(mesh)))
 
 
 class Trainer:
@@ -210,41 +271,26 @@ class Trainer:
         self.ckpt_every = c.every_steps or max(1, c.every_epochs * self.steps_per_epoch)
 
         self.tx = make_optimizer(self.strategy, trainable, config.optim)
-        opt_state = jax.jit(self.tx.init)(trainable)
+        ema_on = config.train.ema_decay > 0
+        self.state_shardings = state_shardings(self.tx, trainable, self.mesh, ema_on)
+        opt_state = jax.jit(self.tx.init,
+                            out_shardings=self.state_shardings.opt_state)(trainable)
         # A copy: the EMA must not share (donated) buffers with the weights.
-        ema = (jax.tree_util.tree_map(jnp.copy, trainable) if config.train.ema_decay > 0
-               else None)
+        ema = jax.tree_util.tree_map(jnp.copy, trainable) if ema_on else None
         self.state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                                 opt_state=opt_state, ema=ema,
                                 bad_step=jnp.full((), -1, jnp.int32))
-        # Leaves made outside the mesh (step counters, optimizer counts) are replicated on it.
-        mesh_devices = set(self.mesh.devices.flat)
-        repl = sharding.replicated(self.mesh)
-        self.state_shardings = jax.tree_util.tree_map(
-            lambda x: x.sharding if x.sharding.device_set == mesh_devices else repl, self.state)
         self.state = jax.device_put(self.state, self.state_shardings)
-        step_fn = make_train_step(self.sd, self.strategy, self.tx, config)
-        self.train_step = jax.jit(
-            step_fn, donate_argnums=(0,),
-            out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
+        self.train_step = jit_train_step(self.sd, self.strategy, self.tx, config,
+                                         self.state_shardings, self.mesh)
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                          keep=c.keep, async_save=c.async_save)
         self.data_position = {"epoch": 0, "step": 0}
 
     # -- caches (encode once, train many)
     def _setup_caches(self) -> None:
-        c, trains = self.config.cache, self.strategy.trains
-        for key in ("latents", "text"):
-            if c[key] not in ("auto", "on", "off"):
-                raise ValueError(f"cache.{key}={c[key]!r}: choose auto, on or off")
-        if c.latents == "on" and "vae" in trains:
-            raise ValueError(f"cache.latents=on, but strategy {self.strategy.name!r} trains the "
-                             "VAE: its latents change every step (use auto or off)")
-        if c.text == "on" and "text_encoder" in trains:
-            raise ValueError(f"cache.text=on, but strategy {self.strategy.name!r} trains the "
-                             "text encoder (use auto or off)")
-        use_lat = c.latents == "on" or (c.latents == "auto" and "vae" not in trains)
-        use_txt = c.text == "on" or (c.text == "auto" and "text_encoder" not in trains)
+        c = self.config.cache
+        use_lat, use_txt = cache_use(self.config, self.strategy)
         cache_dir = c.dir or os.path.join(self.workdir, "cache")
         sd, d = self.sd, self.config.data
         dtype = self.config.model.dtype

@@ -47,8 +47,6 @@ def check_numbers(result: dict) -> None:
 
 
 @needs_libtpu
-@pytest.mark.xfail(strict=False,
-                   reason="kernel dispatch by lowering platform lands in house-kernels")
 def test_tiny_unet_step_compiles_for_tpu_with_cpu_kernels_on():
     result = plan.run(tiny_config(), "v5e-8", quiet=True)["result"]
     check_numbers(result)
@@ -121,7 +119,8 @@ def test_sweep_doubles_then_bisects(monkeypatch):
                 "memory_bytes": None, "capacity_bytes": 1}
 
     monkeypatch.setattr(plan, "make_step", lambda config, *a, **k: plan.Step(
-        None, (), config.train.per_device_batch, 1, 1, config.train.per_device_batch, {}))
+        None, (), config.train.per_device_batch, 1, 1, config.train.per_device_batch, {},
+        None))
     res = plan.sweep(tiny_config(), plan_topologies.get("cpu"), [None], compile_fn=fake_compile,
                      quiet=True)
     assert tried == [1, 2, 4, 8, 6, 5]

@@ -108,6 +108,9 @@ def test_sharded_equals_single_device(tiny_sd_folder, tiny_dataset, tmp_path):
         # trainable ones (unet), not replicated copies.
         key = "sharded/n_trainable_sharded" if name == "unet" else "sharded/n_frozen_sharded"
         assert int(res[key]) > 10, f"{name}: only {int(res[key])} leaves sharded over fsdp"
+        if name == "unet":  # mu and nu of each sharded weight follow it (not replicated)
+            n_opt, n_t = int(res["sharded/n_opt_sharded"]), int(res[key])
+            assert n_opt == 2 * n_t, f"{n_opt} moment leaves sharded for {n_t} weights"
 
 
 def _final_state(workdir: str, step: int) -> dict:

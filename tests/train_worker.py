@@ -74,6 +74,10 @@ def main(argv):
                 n_frozen_sharded = sum("fsdp" in s for s in fspecs.values())
                 results["sharded/n_trainable_sharded"] = np.asarray(n_sharded)
                 results["sharded/n_frozen_sharded"] = np.asarray(n_frozen_sharded)
+                # Adam's moments after the run: sharded over fsdp like their weights.
+                n_opt_sharded = sum("fsdp" in str(x.sharding.spec) for x in
+                                    jax.tree_util.tree_leaves(trainer.state.opt_state))
+                results["sharded/n_opt_sharded"] = np.asarray(n_opt_sharded)
                 results["sharded/n_devices_of_a_param"] = np.asarray(max(
                     len(x.sharding.device_set) for x in jax.tree_util.tree_leaves(trainer.frozen)))
         np.savez(out, **results)

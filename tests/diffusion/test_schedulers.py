@@ -17,7 +17,7 @@ from diffusers import (
 
 from jaxmed.diffusion import ddpm, dpm_solver, pndm, samplers, schedule
 
-# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
+# stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler/scheduler_config.json
 SD15 = {
     "_class_name": "PNDMScheduler",
     "_diffusers_version": "0.6.0",
