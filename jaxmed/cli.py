@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,9 @@ import jax
 import ml_collections
 
 from jaxmed.hostmem import keep_freed_memory
+
+# scheme://... (gs://, s3://, memory://): a storage URL, not a local path.
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class ConfigError(ValueError):
@@ -142,6 +146,11 @@ def parse(
     for name, kw in extra:
         ap.add_argument(name, **kw)
     args = ap.parse_args(rest)
+    if args.workdir and URL.match(args.workdir):
+        # os.path would turn gs://bucket/run into a local ./gs:/bucket/run.
+        raise ConfigError(
+            f"--workdir {args.workdir}: URL workdirs are not supported yet; mount the bucket "
+            "on every host (e.g. gcsfuse) and pass the mounted folder")
     config = load_config(args.config)
     for k, v in overrides:
         set_override(config, k, v)

@@ -3,12 +3,13 @@
 # and run jaxmed there, detached, one log per worker.
 #
 #   export TPU=jaxmed-v5e ZONE=us-west4-a          # PROJECT=my-project (optional)
-#   export BUCKET=gs://my-jaxmed-runs              # shared storage for workdirs
+#   export BUCKET=gs://my-jaxmed-runs              # shared storage, mounted at /mnt/runs
 #   bash launch/tpu_pod.sh create                  # v5litepod-8 (see ACCELERATOR_TYPE)
 #   bash launch/tpu_pod.sh bucket                  # creates $BUCKET in the TPU's region
 #   bash launch/tpu_pod.sh setup                   # clone + venv + jax[tpu] on all workers
 #   bash launch/tpu_pod.sh check                   # every worker sees every chip
-#   bash launch/tpu_pod.sh train configs/finetune.py:lora,sd15 "$BUCKET/lora" \
+#   bash launch/tpu_pod.sh exec bash -c 'sudo mkdir -p /mnt/runs && sudo chown "$USER" /mnt/runs && gcsfuse --implicit-dirs my-jaxmed-runs /mnt/runs'
+#   bash launch/tpu_pod.sh train configs/finetune.py:lora,sd15 /mnt/runs/lora \
 #       --config.cache.dir=/tmp/jaxmed-cache --config.mesh.fsdp=8 \
 #       --config.data.kind=chexpert --config.data.csv=/data/chexpert/train.csv
 #   bash launch/tpu_pod.sh logs                    # last lines of each worker's log
@@ -54,8 +55,8 @@
 #                                [v2-alpha-tpuv5-lite]: v6e -> v2-alpha-tpuv6e, v5p ->
 #                                v2-alpha-tpuv5, v4 and older -> tpu-ubuntu2204-base
 #                                (`gcloud compute tpus tpu-vm versions list --zone $ZONE`).
-#   BUCKET                       gs://... for workdirs (only `bucket` reads it; pass
-#                                "$BUCKET/<run>" as WORKDIR).
+#   BUCKET                       gs://... for workdirs (only `bucket` reads it); mount it on
+#                                every worker and pass /mnt/runs/<run> as WORKDIR.
 #   REPO, BRANCH                 [https://github.com/jaxmed/jaxmed.git, main]
 #   REMOTE_DIR                   the checkout on each worker, relative to ~ [jaxmed]
 #   LOG_DIR                      logs and pid files on each worker, relative to ~ [jaxmed-logs]
@@ -73,8 +74,11 @@
 # Every worker runs the same program with JAXMED_DISTRIBUTED=1, which makes jaxmed call
 # jax.distributed.initialize(); the ('data', 'fsdp', 'tensor') mesh then spans every chip of
 # the slice and each host reads only its share of every batch. Storage: the workdir (config,
-# metrics, orbax checkpoints, export) must be one directory every worker sees, i.e. a
-# gs:// path ("$BUCKET/lora"); the VM's service account needs write access to the bucket
+# metrics, orbax checkpoints, export) must be one directory every worker sees: today the
+# bucket mounted at the same path on every worker with Cloud Storage FUSE (install gcsfuse
+# per Google's guide, then `exec gcsfuse --implicit-dirs BUCKET_NAME
+# /mnt/runs`, then WORKDIR=/mnt/runs/lora); gs:// URLs as WORKDIR are refused by jaxmed
+# until its gs:// path layer lands. The VM's service account needs write access to the bucket
 # (`create` asks for the cloud-platform scope; the project's default compute service account
 # has it through its role). The latent/text cache is per host on local disk:
 # --config.cache.dir=/tmp/jaxmed-cache. Data (CSV + images) must be at the same path on every
@@ -218,8 +222,8 @@ launch() {
 
 warn_workdir() {
   case $1 in
-    gs://*) ;;
-    *) info "tpu_pod.sh: note: workdir $1 is not on gs://: on a multi-host slice every worker must see the same workdir (a gs:// bucket or a shared mount) for checkpoints." ;;
+    gs://*) info "tpu_pod.sh: note: jaxmed does not take gs:// workdirs yet: mount the bucket on every worker (gcsfuse) and pass the mounted folder." ;;
+    *) info "tpu_pod.sh: note: on a multi-host slice every worker must see the same workdir $1 (a mounted bucket or a shared filesystem) for checkpoints." ;;
   esac
 }
 

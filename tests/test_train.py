@@ -162,6 +162,12 @@ def test_unknown_config_key_is_an_error(capsys):
     assert "did you mean config.train.epochs" in capsys.readouterr().err
 
 
+def test_url_workdir_is_a_clear_error(capsys):
+    rc = train.main(["--config", "configs/finetune.py:lora", "--workdir", "gs://bucket/run"])
+    assert rc == 2
+    assert "URL workdirs are not supported yet" in capsys.readouterr().err
+
+
 def test_csv_missing_label_column_is_named(tiny_sd_folder, tmp_path):
     csv = write_chexpert_dataset(str(tmp_path), n=4)
     with open(csv) as f:
