@@ -4,6 +4,7 @@ errors that name the file and the key."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -200,3 +201,41 @@ def test_clip_bpe_tokenizer_is_clips():
     assert len(model["merges"]) == 48894 and len(model["vocab"]) == 49408
     ids = tokenize(tok, "Chest X-ray showing Cardiomegaly")[0]
     assert ids[0] == 49406 and ids.shape == (77,) and ids[-1] == 49407
+
+
+# The files of SD 1.5's hub repository (stable-diffusion-v1-5/stable-diffusion-v1-5), as
+# listed on the hub: the diffusers components in three precisions/variants, the root
+# single-file checkpoints and the safety checker.
+SD15_REPO_FILES = [
+    ".gitattributes", "README.md", "model_index.json", "v1-5-pruned-emaonly.ckpt",
+    "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors",
+    "v1-inference.yaml", "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json", "safety_checker/model.safetensors",
+    "safety_checker/pytorch_model.bin", "safety_checker/model.fp16.safetensors",
+    "scheduler/scheduler_config.json", "text_encoder/config.json",
+    "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin", "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.bin",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.bin",
+]
+
+
+def test_hub_download_fetches_only_the_components():
+    """huggingface_hub matches allow_patterns with fnmatch: only the default-precision
+    diffusers components are fetched (not the 4-7 GB root checkpoints or variants)."""
+    got = {f for f in SD15_REPO_FILES
+           if any(fnmatch.fnmatch(f, p) for p in weights.HUB_ALLOW_PATTERNS)}
+    assert got == {
+        "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+        "text_encoder/model.safetensors", "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors"}
+    # Sharded checkpoints of a component are fetched with their index.
+    for f in ("unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+              "unet/diffusion_pytorch_model.safetensors.index.json"):
+        assert any(fnmatch.fnmatch(f, p) for p in weights.HUB_ALLOW_PATTERNS), f
