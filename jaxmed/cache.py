@@ -15,8 +15,14 @@ Each cache stores a fingerprint: the record list (path, size, mtime), the resolu
 resize filter, and a hash of the encoder's weights and config. A cache whose fingerprint
 differs is stale: it is rebuilt (saying which part changed), never used. Files are written
 under temporary names and renamed when complete, with ``meta.json`` last, so a killed
-build is never mistaken for a cache. On a pod each host builds its own copy on local disk
-with its local devices (no cross-host traffic).
+build is never mistaken for a cache.
+
+Several JAX processes (a pod): when the cache folder is one that every process sees (a
+shared workdir), process 0 alone checks, deletes and writes its files; the latents are
+encoded by every process, each its share of the records on its own devices, into the same
+files, and the others wait at a barrier until process 0 has published them. When the folder
+is per host (local disk), each host builds its own copy with its local devices, with no
+cross-host traffic.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxmed.data.chexpert import BadImageError
 from jaxmed.files import atomic_path, write_json
@@ -99,6 +106,70 @@ def _write_meta(folder: str, meta: dict) -> None:
     write_json(os.path.join(folder, "meta.json"), meta, indent=1)
 
 
+def shared_by_processes(cache_dir: str) -> bool:
+    """Whether every JAX process sees the same ``cache_dir`` (False with one process):
+    process 0 writes a token there; each process looks for it. Every process must call it."""
+    if jax.process_count() == 1:
+        return False
+    main = jax.process_index() == 0
+    token = int(multihost_utils.broadcast_one_to_all(
+        np.asarray(int.from_bytes(os.urandom(4), "little") >> 1, np.int64)))
+    probe = os.path.join(cache_dir, f".process-probe-{token}")
+    if main:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("shared?")
+    multihost_utils.sync_global_devices(f"jaxmed.cache probe {token} written")
+    seen = np.asarray([os.path.exists(probe)], np.int32)
+    shared = bool(multihost_utils.process_allgather(seen, tiled=True).all())
+    multihost_utils.sync_global_devices(f"jaxmed.cache probe {token} read")
+    if main:
+        os.remove(probe)
+    return shared
+
+
+def _encoder(encode, devices, batch_size: int):
+    """(jitted encode sharded over this process's ``devices``, batch size, mesh sharding)."""
+    devices = list(devices or jax.local_devices())
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    bs = max(len(devices), batch_size // len(devices) * len(devices))
+    return jax.jit(encode, out_shardings=(sh, sh)), bs, sh
+
+
+def _encode_range(fn, bs: int, sh, records, start: int, stop: int, arrays: dict,
+                  valid: np.ndarray, *, resolution: int, resample: str, on_bad_image: str,
+                  workers: int, pb) -> None:
+    """Encode records [start, stop) into ``arrays`` (mean, logvar: (n, ...) memmaps); a bad
+    image is skipped (valid[i] = False) or raised, per ``on_bad_image``."""
+    def load(i):
+        try:
+            return records.load(i, resolution, resample)
+        except BadImageError as err:
+            if on_bad_image == "error":
+                raise
+            log.warning("latent cache: skipping bad image: %s", err)
+            valid[i] = False
+            return np.zeros((resolution, resolution, 3), np.float32)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for lo in range(start, stop, bs):
+            idx = list(range(lo, min(lo + bs, stop)))
+            imgs = np.stack(list(pool.map(load, idx)))
+            pad = bs - len(idx)
+            if pad:
+                imgs = np.concatenate([imgs, np.zeros((pad, *imgs.shape[1:]), imgs.dtype)])
+            mean, logvar = fn(jax.device_put(imgs, sh))
+            arrays["mean"][lo:lo + len(idx)] = np.asarray(mean)[:len(idx)]
+            arrays["logvar"][lo:lo + len(idx)] = np.asarray(logvar)[:len(idx)]
+            pb.update(len(idx))
+
+
+def _latent_shape(encode, bs: int, resolution: int) -> tuple[int, ...]:
+    return jax.eval_shape(encode, jax.ShapeDtypeStruct(
+        (bs, resolution, resolution, 3), jnp.float32))[0].shape[1:]
+
+
 class LatentCache:
     """VAE posteriors (mean, logvar) for every record, memory-mapped from disk."""
 
@@ -148,6 +219,12 @@ class LatentCache:
         folder = _folder_for(cache_dir, "latents", records.source)
         want = {"format": FORMAT, "records": records_hash(records), "resolution": resolution,
                 "resample": resample, "encoder": encoder_hash}
+        opts = dict(resolution=resolution, resample=resample, on_bad_image=on_bad_image,
+                    workers=workers)
+        if shared_by_processes(cache_dir):
+            cls._build_shared(folder, want, records, encode, devices, batch_size, progress,
+                              **opts)
+            return cls(folder)
         reason = _stale_reason(_read_meta(folder), want)
         if reason is None:
             log.info("latent cache: using %s", folder)
@@ -156,42 +233,17 @@ class LatentCache:
             log.info("latent cache at %s is stale (%s): rebuilding", folder, reason)
             shutil.rmtree(folder)
         os.makedirs(folder)
-        devices = list(devices or jax.local_devices())
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-        sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-        bs = max(len(devices), batch_size // len(devices) * len(devices))
-        fn = jax.jit(encode, out_shardings=(sh, sh))
+        fn, bs, sh = _encoder(encode, devices, batch_size)
         n = len(records)
-        shape = jax.eval_shape(encode, jax.ShapeDtypeStruct(
-            (bs, resolution, resolution, 3), jnp.float32))[0].shape[1:]
+        shape = _latent_shape(encode, bs, resolution)
         valid = np.ones(n, bool)
-
-        def load(i):
-            try:
-                return records.load(i, resolution, resample)
-            except BadImageError as err:
-                if on_bad_image == "error":
-                    raise
-                log.warning("latent cache: skipping bad image: %s", err)
-                valid[i] = False
-                return np.zeros((resolution, resolution, 3), np.float32)
-
         pb = bar(total=n, desc="encoding latents (once)", enabled=progress, unit="img")
         # Both arrays are renamed into place when the with-block ends, after their last write.
-        with contextlib.ExitStack() as files, ThreadPoolExecutor(workers) as pool:
+        with contextlib.ExitStack() as files:
             arrays = {k: np.lib.format.open_memmap(
                 files.enter_context(atomic_path(os.path.join(folder, f"{k}.npy"))), mode="w+",
                 dtype=np.float32, shape=(n, *shape)) for k in ("mean", "logvar")}
-            for start in range(0, n, bs):
-                idx = list(range(start, min(start + bs, n)))
-                imgs = np.stack(list(pool.map(load, idx)))
-                pad = bs - len(idx)
-                if pad:
-                    imgs = np.concatenate([imgs, np.zeros((pad, *imgs.shape[1:]), imgs.dtype)])
-                mean, logvar = fn(jax.device_put(imgs, sh))
-                arrays["mean"][start:start + len(idx)] = np.asarray(mean)[:len(idx)]
-                arrays["logvar"][start:start + len(idx)] = np.asarray(logvar)[:len(idx)]
-                pb.update(len(idx))
+            _encode_range(fn, bs, sh, records, 0, n, arrays, valid, pb=pb, **opts)
             for a in arrays.values():
                 a.flush()
             del arrays
@@ -201,6 +253,60 @@ class LatentCache:
                              "skipped": int((~valid).sum())})
         log.info("latent cache: wrote %d posteriors %s to %s", n, tuple(shape), folder)
         return cls(folder)
+
+    @staticmethod
+    def _build_shared(folder, want, records, encode, devices, batch_size, progress,
+                      **opts) -> None:
+        """Several processes, one folder they all see: process 0 decides and publishes;
+        if stale, each process encodes its contiguous share of the records into the same
+        files. Every process calls it; all return once the cache is complete."""
+        main = jax.process_index() == 0
+        fresh = _stale_reason(_read_meta(folder), want) is None
+        # Process 0's view decides (the others may read meta.json while it is replaced).
+        fresh = bool(multihost_utils.broadcast_one_to_all(np.asarray(fresh, np.int32)))
+        tag = f"jaxmed.cache latents {folder}"
+        if fresh:
+            log.info("latent cache: using %s", folder)
+            multihost_utils.sync_global_devices(tag + " checked")
+            return
+        n = len(records)
+        fn, bs, sh = _encoder(encode, devices, batch_size)
+        shape = _latent_shape(encode, bs, resolution=opts["resolution"])
+        parts = {k: os.path.join(folder, f"{k}.npy.partial") for k in ("mean", "logvar", "valid")}
+        if main:
+            if os.path.isdir(folder):
+                log.info("latent cache at %s is stale: rebuilding (%d processes)", folder,
+                         jax.process_count())
+                shutil.rmtree(folder)
+            os.makedirs(folder)
+            for k in ("mean", "logvar"):
+                np.lib.format.open_memmap(parts[k], mode="w+", dtype=np.float32,
+                                          shape=(n, *shape)).flush()
+            np.lib.format.open_memmap(parts["valid"], mode="w+", dtype=bool, shape=(n,))[:] = True
+        multihost_utils.sync_global_devices(tag + " created")
+        i, count = jax.process_index(), jax.process_count()
+        start, stop = i * n // count, (i + 1) * n // count
+        log.info("latent cache: process %d of %d encodes its share, records [%d, %d) of %d, "
+                 "into %s", i, count, start, stop, n, folder)
+        arrays = {k: np.load(parts[k], mmap_mode="r+") for k in ("mean", "logvar")}
+        valid = np.load(parts["valid"], mmap_mode="r+")
+        pb = bar(total=stop - start, desc="encoding latents (once, this process's share)",
+                 enabled=progress, unit="img")
+        _encode_range(fn, bs, sh, records, start, stop, arrays, valid, pb=pb, **opts)
+        pb.close()
+        for a in (*arrays.values(), valid):
+            a.flush()
+        del arrays, valid
+        multihost_utils.sync_global_devices(tag + " encoded")
+        if main:
+            valid = np.load(parts["valid"])
+            os.replace(parts["valid"], os.path.join(folder, "valid.npy"))
+            for k in ("mean", "logvar"):
+                os.replace(parts[k], os.path.join(folder, f"{k}.npy"))
+            _write_meta(folder, {**want, "count": n, "shape": list(shape),
+                                 "skipped": int((~valid).sum())})
+            log.info("latent cache: wrote %d posteriors %s to %s", n, tuple(shape), folder)
+        multihost_utils.sync_global_devices(tag + " published")
 
 
 class TextCache:
@@ -237,7 +343,20 @@ class TextCache:
         batch_size: int = 32,
     ) -> TextCache:
         captions = sorted(set(captions))
-        folder = _folder_for(cache_dir, "text", source)
+        if shared_by_processes(cache_dir):
+            # Process 0 builds (or checks) it alone; the others read it once published.
+            folder = _folder_for(cache_dir, "text", source)
+            if jax.process_index() == 0:
+                cls._build_or_load(folder, captions, encode, tokenize, encoder_hash,
+                                   batch_size)
+            multihost_utils.sync_global_devices(f"jaxmed.cache text {folder} published")
+            return cls(folder)
+        return cls._build_or_load(_folder_for(cache_dir, "text", source), captions, encode,
+                                  tokenize, encoder_hash, batch_size)
+
+    @classmethod
+    def _build_or_load(cls, folder: str, captions: list[str], encode, tokenize,
+                       encoder_hash: str, batch_size: int) -> TextCache:
         want = {"format": FORMAT, "text_encoder": encoder_hash,
                 "captions": hashlib.sha256(json.dumps(captions).encode()).hexdigest()}
         reason = _stale_reason(_read_meta(folder), want)

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmed.strategies.base import flatten, unflatten
@@ -161,6 +162,15 @@ def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of a tree of (possibly sharded) global arrays, whole on every process.
+    With several processes it is a collective: every process must call it. Leaf by leaf,
+    so at most one gathered leaf is on the devices at a time."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def axis_rules():

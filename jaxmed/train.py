@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from jaxmed import sharding
 from jaxmed.cache import LatentCache, TextCache, params_hash
@@ -352,10 +353,11 @@ class Trainer:
         return step
 
     def exported_params(self) -> dict:
-        """Plain params of the current (EMA if kept) trainable state, on the host."""
+        """Plain params of the current (EMA if kept) trainable state, on the host. A global
+        computation: with several processes every one must call it (each gets them all)."""
         trainable = self.state.ema if self.state.ema is not None else self.state.trainable
         merged = jax.jit(self.strategy.export)(trainable, self.frozen)
-        return jax.device_get(merged)
+        return sharding.to_host(merged)
 
     # -- the loop
     def run(self) -> dict:
@@ -422,7 +424,8 @@ class Trainer:
             self.checkpointer.wait()
             writer.close()
         elapsed = time.perf_counter() - t0
-        export = self.export() if self.is_main else None
+        # Every process joins the export's global computations; process 0 alone writes.
+        export = self.export()
         self.checkpointer.close()
         summary = {
             "strategy": self.strategy.name, "steps": int(self.total_steps),
@@ -493,6 +496,12 @@ class Trainer:
         params = jax.jit(self.strategy.export)(
             self.state.ema if self.state.ema is not None else self.state.trainable, self.frozen)
         prompts = list(cfg.sample_prompts)
+        if jax.process_count() > 1:
+            # The sampler is not laid out over a mesh spanning processes: gather the weights
+            # (every process joins) and let process 0 sample on its own devices.
+            params = sharding.to_host(params)
+            if not self.is_main:
+                return None
         images = generate(self.sd, params, prompts, fn=self._sample_fn)
         if not self.is_main:
             return None
@@ -500,16 +509,23 @@ class Trainer:
                           os.path.join(self.workdir, "samples", f"step_{step:07d}.png"))
 
     def export(self) -> str:
-        """diffusers folder (+ peft adapter) of the trained model under workdir/export."""
+        """diffusers folder (+ peft adapter) of the trained model under workdir/export.
+        Every process must call it (the weights are gathered from all); process 0 writes."""
         out = os.path.join(self.workdir, "export")
         if self.config.export.diffusers:
             params = self.exported_params()
-            weights.save_pipeline(out, self.sd.configs, params, self.sd.scheduler_config,
-                                  self.sd.tokenizer)
+            if self.is_main:
+                weights.save_pipeline(out, self.sd.configs, params, self.sd.scheduler_config,
+                                      self.sd.tokenizer)
+            del params
         if self.config.export.adapters and hasattr(self.strategy, "save_peft"):
             trainable = self.state.ema if self.state.ema is not None else self.state.trainable
-            self.strategy.save_peft(jax.device_get(trainable), os.path.join(out, "adapter"),
-                                    base_model=self.sd.path)
+            trainable = sharding.to_host(trainable)
+            if self.is_main:
+                self.strategy.save_peft(trainable, os.path.join(out, "adapter"),
+                                        base_model=self.sd.path)
+        if jax.process_count() > 1:  # the export is complete before any process goes on
+            multihost_utils.sync_global_devices("jaxmed.train export written")
         return out
 
     def _banner(self, start: int) -> None:

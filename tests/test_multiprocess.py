@@ -1,0 +1,103 @@
+"""`jaxmed.train` as 2 JAX processes x 4 CPU devices on this machine equals 1 process x 8
+devices (same data=2 x fsdp=4 mesh, same global batch): the same loss curve and final
+parameters, the export reached by both processes, and a SIGKILL of both processes mid-run
+resumed bitwise exactly. Every subprocess runs under a timeout: a hang fails the test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxmed.logging_utils import read_metrics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "mp_worker.py")
+TIMEOUT = 900  # seconds for one run of all its processes (a deadlock fails, never hangs)
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(nproc: int, name: str, model: str, csv: str, workdir: str, out: str,
+           *overrides: str) -> list[tuple[subprocess.Popen, str]]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // nproc}",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    port = _free_port()
+    procs = []
+    for i in range(nproc):
+        log = f"{out}.p{i}.log"
+        with open(log, "w") as f:
+            p = subprocess.Popen([sys.executable, WORKER, str(i), str(nproc), str(port), name,
+                                  model, csv, workdir, out, *overrides],
+                                 env=env, stdout=f, stderr=subprocess.STDOUT)
+        procs.append((p, log))
+    return procs
+
+
+def _tail(log: str, n: int = 3000) -> str:
+    with open(log) as f:
+        return f.read()[-n:]
+
+
+def _wait(procs, timeout: float = TIMEOUT) -> None:
+    deadline = time.time() + timeout
+    try:
+        for p, log in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"process timed out after {timeout}s (hang?):\n" + "\n".join(
+                    f"--- {lg}\n{_tail(lg)}" for _, lg in procs))
+            assert p.returncode == 0, f"{log} exited {p.returncode}:\n{_tail(log)}"
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _run(nproc, name, model, csv, workdir, out, *overrides) -> None:
+    _wait(_start(nproc, name, model, csv, workdir, out, *overrides))
+
+
+def _losses(workdir: str) -> list[float]:
+    return [m["loss"] for m in read_metrics(workdir)]
+
+
+@pytest.mark.parametrize("name", ["unet", "lora"])
+def test_two_processes_equal_one(name, tiny_sd_folder, tiny_dataset, tmp_path):
+    over = (f"train.max_steps={STEPS}", "data.caption_dropout=0.0", "export.diffusers=True",
+            f"export.adapters={name == 'lora'}")
+    res = {}
+    for nproc in (1, 2):
+        wd, out = str(tmp_path / f"wd{nproc}"), str(tmp_path / f"p{nproc}.npz")
+        _run(nproc, name, tiny_sd_folder, tiny_dataset, wd, out, *over)
+        # The export ran on every process (it is a global computation) and ended the run.
+        assert os.path.isfile(os.path.join(wd, "export", "model_index.json"))
+        assert os.path.isfile(os.path.join(wd, "summary.json"))
+        if name == "lora":
+            assert os.path.isdir(os.path.join(wd, "export", "adapter"))
+        res[nproc] = (_losses(wd), dict(np.load(out)))
+    # The shared cache folder: each process encoded its half of the 16 records into it.
+    for i, share in ((0, "[0, 8) of 16"), (1, "[8, 16) of 16")):
+        assert f"process {i} of 2 encodes its share, records {share}" in _tail(
+            str(tmp_path / f"p2.npz.p{i}.log"), 10**6)
+    (l1, p1), (l2, p2) = res[1], res[2]
+    assert len(l1) == STEPS and len(l2) == STEPS
+    np.testing.assert_allclose(l2, l1, rtol=0, atol=1e-5)
+    assert p1.keys() == p2.keys() and p1
+    worst = max(float(np.max(np.abs(p1[k] - p2[k]))) for k in p1)
+    assert worst <= 1e-5, f"{name}: 2 processes vs 1: params differ by {worst}"
