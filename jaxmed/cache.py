@@ -282,7 +282,10 @@ class LatentCache:
             for k in ("mean", "logvar"):
                 np.lib.format.open_memmap(parts[k], mode="w+", dtype=np.float32,
                                           shape=(n, *shape)).flush()
-            np.lib.format.open_memmap(parts["valid"], mode="w+", dtype=bool, shape=(n,))[:] = True
+            valid = np.lib.format.open_memmap(parts["valid"], mode="w+", dtype=bool, shape=(n,))
+            valid[:] = True
+            valid.flush()
+            del valid
         multihost_utils.sync_global_devices(tag + " created")
         i, count = jax.process_index(), jax.process_count()
         start, stop = i * n // count, (i + 1) * n // count

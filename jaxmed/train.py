@@ -255,7 +255,7 @@ class Trainer:
         self.accum = int(config.optim.grad_accum)
         self.micro_batch = self.per_device_batch * replicas
         self.global_batch = self.micro_batch * self.accum
-        self.records = records if records is not None else build_records(config, self.workdir)
+        self.records = records if records is not None else self._build_records()
         self.latent_cache = self.text_cache = None
         self._setup_caches()
         del self.host_params
@@ -287,6 +287,17 @@ class Trainer:
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                          keep=c.keep, async_save=c.async_save)
         self.data_position = {"epoch": 0, "step": 0}
+
+    def _build_records(self):
+        """The configured records. With several processes, process 0 reads them first: a
+        dataset generated on first use (the phantom, in the workdir) is then written once,
+        and the others find it complete (or make their own copy on a folder they do not
+        share)."""
+        if jax.process_count() == 1:
+            return build_records(self.config, self.workdir)
+        records = build_records(self.config, self.workdir) if self.is_main else None
+        multihost_utils.sync_global_devices("jaxmed.train records")
+        return records if self.is_main else build_records(self.config, self.workdir)
 
     # -- caches (encode once, train many)
     def _setup_caches(self) -> None:
@@ -427,12 +438,16 @@ class Trainer:
         # Every process joins the export's global computations; process 0 alone writes.
         export = self.export()
         self.checkpointer.close()
+        skipped = int(batches.num_skipped)
+        if jax.process_count() > 1:  # each process counts the skips of its own share
+            skipped = int(multihost_utils.process_allgather(
+                np.asarray([skipped], np.int64), tiled=True).sum())
         summary = {
             "strategy": self.strategy.name, "steps": int(self.total_steps),
             "resumed_from": int(start), "trainable_params": int(self.n_trainable),
             "train_seconds": round(elapsed, 2), "images_per_second": round(img_s, 3),
             "final_loss": self.last_loss, "export": export, "last_checkpoint": last_saved,
-            "skipped_images": int(batches.num_skipped),
+            "skipped_images": skipped,
         }
         if self.is_main:
             atomic_write(os.path.join(self.workdir, "summary.json"),

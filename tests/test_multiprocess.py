@@ -31,13 +31,13 @@ def _free_port() -> int:
 
 
 def _start(nproc: int, name: str, model: str, csv: str, workdir: str, out: str,
-           *overrides: str) -> list[tuple[subprocess.Popen, str]]:
+           *overrides: str, ranks=None) -> list[tuple[subprocess.Popen, str]]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // nproc}",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     port = _free_port()
     procs = []
-    for i in range(nproc):
+    for i in range(nproc) if ranks is None else ranks:
         log = f"{out}.p{i}.log"
         with open(log, "w") as f:
             p = subprocess.Popen([sys.executable, WORKER, str(i), str(nproc), str(port), name,
@@ -53,15 +53,21 @@ def _tail(log: str, n: int = 3000) -> str:
 
 
 def _wait(procs, timeout: float = TIMEOUT) -> None:
+    """Wait for every process; the first to fail (or the deadline) kills the rest and fails
+    the test with their logs, so a peer stuck at a barrier never hangs the suite."""
     deadline = time.time() + timeout
     try:
-        for p, log in procs:
-            try:
-                p.wait(timeout=max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"process timed out after {timeout}s (hang?):\n" + "\n".join(
+        while any(p.poll() is None for p, _ in procs):
+            failed = [(p, lg) for p, lg in procs if p.poll() not in (None, 0)]
+            if failed:
+                p, lg = failed[0]
+                pytest.fail(f"{lg} exited {p.returncode}:\n{_tail(lg)}")
+            if time.time() > deadline:
+                pytest.fail(f"processes still running after {timeout}s (hang?):\n" + "\n".join(
                     f"--- {lg}\n{_tail(lg)}" for _, lg in procs))
-            assert p.returncode == 0, f"{log} exited {p.returncode}:\n{_tail(log)}"
+            time.sleep(0.2)
+        for p, lg in procs:
+            assert p.returncode == 0, f"{lg} exited {p.returncode}:\n{_tail(lg)}"
     finally:
         for p, _ in procs:
             if p.poll() is None:
@@ -101,3 +107,50 @@ def test_two_processes_equal_one(name, tiny_sd_folder, tiny_dataset, tmp_path):
     assert p1.keys() == p2.keys() and p1
     worst = max(float(np.max(np.abs(p1[k] - p2[k]))) for k in p1)
     assert worst <= 1e-5, f"{name}: 2 processes vs 1: params differ by {worst}"
+
+
+def test_sigkill_both_processes_then_resume_is_bitwise_exact(tiny_sd_folder, tiny_dataset,
+                                                              tmp_path):
+    over = ("train.max_steps=5", "checkpoint.every_steps=1")
+    args = ("lora", tiny_sd_folder, tiny_dataset)
+    ref_out = str(tmp_path / "ref.npz")
+    _run(2, *args, str(tmp_path / "ref"), ref_out, *over)
+
+    killed, out = str(tmp_path / "killed"), str(tmp_path / "killed.npz")
+    procs = _start(2, *args, killed, out, *over)
+    try:
+        ckpt2 = os.path.join(killed, "checkpoints", "2")
+        deadline = time.time() + TIMEOUT
+        while (not os.path.isdir(ckpt2) and all(p.poll() is None for p, _ in procs)
+               and time.time() < deadline):
+            time.sleep(0.05)
+        assert all(p.poll() is None for p, _ in procs), (
+            "a process ended before the kill:\n" + "\n".join(_tail(lg) for _, lg in procs))
+        assert os.path.isdir(ckpt2), f"no checkpoint 2 within {TIMEOUT}s"
+        for p, _ in procs:
+            os.kill(p.pid, signal.SIGKILL)
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert not os.path.exists(os.path.join(killed, "summary.json"))
+    assert not os.path.exists(out)
+
+    _run(2, *args, killed, out, *over)
+    assert "resuming at step" in _tail(out + ".p0.log", 10**6)
+    a, b = dict(np.load(ref_out)), dict(np.load(out))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert np.array_equal(a[k], b[k]), f"{k} differs after the 2-process resume"
+
+
+def test_a_process_waiting_for_its_peer_fails_the_test(tiny_sd_folder, tiny_dataset, tmp_path):
+    # Process 0 of 2 alone waits for process 1 forever: _wait kills it and fails.
+    procs = _start(2, "lora", tiny_sd_folder, tiny_dataset, str(tmp_path / "wd"),
+                   str(tmp_path / "out.npz"), ranks=[0])
+    t0 = time.time()
+    with pytest.raises(pytest.fail.Exception, match="still running after 15s"):
+        _wait(procs, timeout=15)
+    assert time.time() - t0 < 60
+    assert procs[0][0].poll() is not None, "the waiting process was not killed"
