@@ -513,11 +513,16 @@ class Trainer:
         prompts = list(cfg.sample_prompts)
         if jax.process_count() > 1:
             # The sampler is not laid out over a mesh spanning processes: gather the weights
-            # (every process joins) and let process 0 sample on its own devices.
+            # (every process joins) and let process 0 sample alone, its activations laid
+            # out over a mesh of its own devices (not the run's global one).
             params = sharding.to_host(params)
             if not self.is_main:
                 return None
-        images = generate(self.sd, params, prompts, fn=self._sample_fn)
+            local = sharding.make_mesh(-1, 1, 1, devices=jax.local_devices())
+            with jax.set_mesh(local), sharding.axis_rules():
+                images = generate(self.sd, params, prompts, fn=self._sample_fn)
+        else:
+            images = generate(self.sd, params, prompts, fn=self._sample_fn)
         if not self.is_main:
             return None
         return save_image(grid(images, prompts),

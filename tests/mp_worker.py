@@ -1,7 +1,7 @@
 """One JAX process of a multi-process training run on this machine (tests/test_multiprocess.py).
 
     python tests/mp_worker.py PROCESS_ID NUM_PROCESSES PORT STRATEGY MODEL CSV WORKDIR OUT.npz \
-        [key=value ...]
+        [key=value ...]     ("{pid}" in a value: this process's id)
 
 Each process sees the CPU devices XLA_FLAGS gives it (``--xla_force_host_platform_device_count``)
 and, with NUM_PROCESSES > 1, joins the others through ``jax.distributed.initialize`` on
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 import jax
 
@@ -37,7 +38,8 @@ from tests.train_worker import config  # noqa: E402
 def main(argv):
     pid, nproc, port = int(argv[0]), int(argv[1]), int(argv[2])
     strategy, model, csv, workdir, out = argv[3:8]
-    overrides = dict(a.split("=", 1) for a in argv[8:])
+    # "{pid}" in a value stands for this process's id (e.g. a cache folder per process).
+    overrides = dict(a.replace("{pid}", str(pid)).split("=", 1) for a in argv[8:])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxmed.cache").setLevel(logging.INFO)
     if nproc > 1:
@@ -59,4 +61,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        rc = main(sys.argv[1:])
+    except BaseException:  # noqa: BLE001 - fail now: the distributed shutdown would wait
+        traceback.print_exc()  # for the other processes (minutes) before exiting
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.exit(rc)

@@ -85,8 +85,12 @@ def _losses(workdir: str) -> list[float]:
 
 @pytest.mark.parametrize("name", ["unet", "lora"])
 def test_two_processes_equal_one(name, tiny_sd_folder, tiny_dataset, tmp_path):
-    over = (f"train.max_steps={STEPS}", "data.caption_dropout=0.0", "export.diffusers=True",
-            f"export.adapters={name == 'lora'}")
+    over = [f"train.max_steps={STEPS}", "data.caption_dropout=0.0", "export.diffusers=True",
+            f"export.adapters={name == 'lora'}"]
+    if name == "unet":  # a sample grid at the last step (a global gather, then process 0)
+        over += [f"log.sample_every_steps={STEPS}", "log.sample_steps=2"]
+    else:  # a cache folder per process (per-host local disks): each builds its own copy
+        over += [f"cache.dir={tmp_path}/cache-{{pid}}"]
     res = {}
     for nproc in (1, 2):
         wd, out = str(tmp_path / f"wd{nproc}"), str(tmp_path / f"p{nproc}.npz")
@@ -96,11 +100,19 @@ def test_two_processes_equal_one(name, tiny_sd_folder, tiny_dataset, tmp_path):
         assert os.path.isfile(os.path.join(wd, "summary.json"))
         if name == "lora":
             assert os.path.isdir(os.path.join(wd, "export", "adapter"))
+        else:
+            assert os.path.isfile(os.path.join(wd, "samples", f"step_{STEPS:07d}.png"))
         res[nproc] = (_losses(wd), dict(np.load(out)))
-    # The shared cache folder: each process encoded its half of the 16 records into it.
+    logs = [_tail(str(tmp_path / f"p2.npz.p{i}.log"), 10**6) for i in range(2)]
     for i, share in ((0, "[0, 8) of 16"), (1, "[8, 16) of 16")):
-        assert f"process {i} of 2 encodes its share, records {share}" in _tail(
-            str(tmp_path / f"p2.npz.p{i}.log"), 10**6)
+        # A shared cache folder: each process encoded its half of the 16 records into it.
+        # Per-process folders: each holds a whole copy, encoded by its own process.
+        shared = f"process {i} of 2 encodes its share, records {share}" in logs[i]
+        assert shared == (name == "unet"), logs[i][-3000:]
+        if name == "lora":
+            assert os.path.isfile(os.path.join(str(tmp_path), f"cache-{i}", next(
+                d for d in os.listdir(str(tmp_path / f"cache-{i}")) if d.startswith("latents")),
+                "meta.json"))
     (l1, p1), (l2, p2) = res[1], res[2]
     assert len(l1) == STEPS and len(l2) == STEPS
     np.testing.assert_allclose(l2, l1, rtol=0, atol=1e-5)
