@@ -128,7 +128,8 @@ class LatentCache:
         cls,
         cache_dir: str,
         records,
-        encode: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+        encode: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]],
+        params: Any,
         encoder_hash: str,
         *,
         resolution: int,
@@ -141,9 +142,10 @@ class LatentCache:
     ) -> LatentCache:
         """The valid cache for ``records`` (built now if missing or stale).
 
-        ``encode(images (B, H, W, 3) in [-1, 1]) -> (mean, logvar)``: a pure function of the
-        images (the VAE encoder with its weights bound), run jitted and sharded over
-        ``devices`` (default: this process's local devices).
+        ``encode(params, images (B, H, W, 3) in [-1, 1]) -> (mean, logvar)``: the VAE
+        encoder, run jitted and sharded over ``devices`` (default: this process's local
+        devices) with ``params`` as an argument: weights closed over would be baked into
+        the compiled program as constants (slow to compile, a second copy in memory).
         """
         folder = _folder_for(cache_dir, "latents", records.source)
         want = {"format": FORMAT, "records": records_hash(records), "resolution": resolution,
@@ -162,7 +164,7 @@ class LatentCache:
         bs = max(len(devices), batch_size // len(devices) * len(devices))
         fn = jax.jit(encode, out_shardings=(sh, sh))
         n = len(records)
-        shape = jax.eval_shape(encode, jax.ShapeDtypeStruct(
+        shape = jax.eval_shape(encode, params, jax.ShapeDtypeStruct(
             (bs, resolution, resolution, 3), jnp.float32))[0].shape[1:]
         valid = np.ones(n, bool)
 
@@ -188,7 +190,7 @@ class LatentCache:
                 pad = bs - len(idx)
                 if pad:
                     imgs = np.concatenate([imgs, np.zeros((pad, *imgs.shape[1:]), imgs.dtype)])
-                mean, logvar = fn(jax.device_put(imgs, sh))
+                mean, logvar = fn(params, jax.device_put(imgs, sh))
                 arrays["mean"][start:start + len(idx)] = np.asarray(mean)[:len(idx)]
                 arrays["logvar"][start:start + len(idx)] = np.asarray(logvar)[:len(idx)]
                 pb.update(len(idx))
@@ -230,7 +232,8 @@ class TextCache:
         cache_dir: str,
         source: str,
         captions: Sequence[str],
-        encode: Callable[[jax.Array], jax.Array],
+        encode: Callable[[Any, jax.Array], jax.Array],
+        params: Any,
         tokenize: Callable[[list[str]], np.ndarray],
         encoder_hash: str,
         *,
@@ -256,7 +259,7 @@ class TextCache:
             pad = batch_size - len(chunk)
             if pad:  # one compiled shape
                 ids = np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)])
-            out.append(np.asarray(fn(ids))[:len(chunk)])
+            out.append(np.asarray(fn(params, ids))[:len(chunk)])
         context = np.concatenate(out).astype(np.float32)
         with atomic_path(os.path.join(folder, "context.npy")) as tmp:
             np.save(tmp, context)
