@@ -25,8 +25,16 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
-from jaxmed.kernels import (cpu_adamw, cpu_attention, cpu_conv, cpu_dense, cpu_jnp,
-                            dot_product, reference, tpu_flash)
+from jaxmed.kernels import (
+    cpu_adamw,
+    cpu_attention,
+    cpu_conv,
+    cpu_dense,
+    cpu_jnp,
+    dot_product,
+    reference,
+    tpu_flash,
+)
 
 T = TypeVar("T")
 

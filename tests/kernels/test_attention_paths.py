@@ -132,7 +132,7 @@ def test_on_cpu_flash_and_auto_are_the_cpu_choice_and_einsum_the_reference():
     the reference, bit for bit; no TPU custom call reaches a CPU program."""
     for lq, lk, heads, d in [(1024, 1024, 8, 40), (256, 77, 8, 40), (16, 16, 2, 8)]:
         q, k, v = _qkv(lq, lk, heads, d, jnp.float32, batch=1)
-        run = {impl: jax.jit(lambda q, k, v, impl=impl: dispatch.attention(
+        run = {impl: jax.jit(lambda q, k, v, impl=impl, heads=heads: dispatch.attention(
             q, k, v, heads, impl=impl)) for impl in dispatch.ATTENTION}
         for impl, f in run.items():
             assert TPU_CALL not in f.lower(q, k, v).as_text(), impl
