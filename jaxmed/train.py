@@ -232,6 +232,7 @@ class Trainer:
         if sd is None:
             sd, params = StableDiffusion.load(
                 config.model.path, dtype=config.model.dtype, remat=config.model.remat,
+                attention=config.model.get("attention", "auto"),
                 variant=config.model.variant or None, allow_pickle=config.model.allow_pickle)
         self.sd, host_params = sd, params
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,

@@ -203,14 +203,16 @@ def attention(
     *,
     mask: jax.Array | None = None,
     upcast: bool = True,
+    impl: str = "auto",
 ) -> jax.Array:
     """Multi-head scaled dot-product attention on (B, L, C) tensors; returns (B, Lq, C).
 
     ``mask`` is boolean, broadcastable to (B, heads, Lq, Lk), True where attending is
     allowed. Logits and softmax run in float32 when ``upcast`` (SD's ``upcast_attention``).
-    The implementation is `kernels.dispatch.attention`'s choice for the platform compiled for.
+    The implementation is `kernels.dispatch.attention`'s choice for the platform compiled for
+    and ``impl`` (``model.attention``: auto, einsum, dot_product, flash).
     """
-    return dispatch.attention(q, k, v, heads, mask=mask, upcast=upcast)
+    return dispatch.attention(q, k, v, heads, mask=mask, upcast=upcast, impl=impl)
 
 
 def silu(x: jax.Array) -> jax.Array:
