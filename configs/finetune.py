@@ -73,6 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.allow_pickle = False  # read pickled .bin weights (runs code from the file)
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     c.model.remat = False  # rematerialise blocks in the backward pass (less memory)
+    # the UNet's attention: auto (CPU: jaxmed's CPU kernels, GPU: dot_product, TPU: flash),
+    # einsum (the XLA reference), dot_product (jax.nn.dot_product_attention; cuDNN flash on
+    # GPU where it applies), flash (the Pallas kernel on TPU; elsewhere as auto)
+    c.model.attention = "auto"
     c.model.prediction_type = ""  # "" = the scheduler config's; epsilon | v_prediction
 
     c.strategy = strategy_config(name)

@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = "jaxmed:tiny-sd"
     c.model.dtype = "float32"
     c.model.remat = False
+    c.model.attention = "auto"  # the UNet's attention: auto | einsum | dot_product | flash
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "phantom"  # phantom | chexpert

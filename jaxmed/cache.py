@@ -137,7 +137,7 @@ def _encoder(encode, devices, batch_size: int):
     return jax.jit(encode, out_shardings=(sh, sh)), bs, sh
 
 
-def _encode_range(fn, bs: int, sh, records, start: int, stop: int, arrays: dict,
+def _encode_range(fn, params, bs: int, sh, records, start: int, stop: int, arrays: dict,
                   valid: np.ndarray, *, resolution: int, resample: str, on_bad_image: str,
                   workers: int, pb) -> None:
     """Encode records [start, stop) into ``arrays`` (mean, logvar: (n, ...) memmaps); a bad
@@ -159,14 +159,14 @@ def _encode_range(fn, bs: int, sh, records, start: int, stop: int, arrays: dict,
             pad = bs - len(idx)
             if pad:
                 imgs = np.concatenate([imgs, np.zeros((pad, *imgs.shape[1:]), imgs.dtype)])
-            mean, logvar = fn(jax.device_put(imgs, sh))
+            mean, logvar = fn(params, jax.device_put(imgs, sh))
             arrays["mean"][lo:lo + len(idx)] = np.asarray(mean)[:len(idx)]
             arrays["logvar"][lo:lo + len(idx)] = np.asarray(logvar)[:len(idx)]
             pb.update(len(idx))
 
 
-def _latent_shape(encode, bs: int, resolution: int) -> tuple[int, ...]:
-    return jax.eval_shape(encode, jax.ShapeDtypeStruct(
+def _latent_shape(encode, params, bs: int, resolution: int) -> tuple[int, ...]:
+    return jax.eval_shape(encode, params, jax.ShapeDtypeStruct(
         (bs, resolution, resolution, 3), jnp.float32))[0].shape[1:]
 
 
@@ -199,7 +199,8 @@ class LatentCache:
         cls,
         cache_dir: str,
         records,
-        encode: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+        encode: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]],
+        params: Any,
         encoder_hash: str,
         *,
         resolution: int,
@@ -212,9 +213,10 @@ class LatentCache:
     ) -> LatentCache:
         """The valid cache for ``records`` (built now if missing or stale).
 
-        ``encode(images (B, H, W, 3) in [-1, 1]) -> (mean, logvar)``: a pure function of the
-        images (the VAE encoder with its weights bound), run jitted and sharded over
-        ``devices`` (default: this process's local devices).
+        ``encode(params, images (B, H, W, 3) in [-1, 1]) -> (mean, logvar)``: the VAE
+        encoder, run jitted and sharded over ``devices`` (default: this process's local
+        devices) with ``params`` as an argument: weights closed over would be baked into
+        the compiled program as constants (slow to compile, a second copy in memory).
         """
         folder = _folder_for(cache_dir, "latents", records.source)
         want = {"format": FORMAT, "records": records_hash(records), "resolution": resolution,
@@ -222,8 +224,8 @@ class LatentCache:
         opts = dict(resolution=resolution, resample=resample, on_bad_image=on_bad_image,
                     workers=workers)
         if shared_by_processes(cache_dir):
-            cls._build_shared(folder, want, records, encode, devices, batch_size, progress,
-                              **opts)
+            cls._build_shared(folder, want, records, encode, params, devices, batch_size,
+                              progress, **opts)
             return cls(folder)
         reason = _stale_reason(_read_meta(folder), want)
         if reason is None:
@@ -235,7 +237,7 @@ class LatentCache:
         os.makedirs(folder)
         fn, bs, sh = _encoder(encode, devices, batch_size)
         n = len(records)
-        shape = _latent_shape(encode, bs, resolution)
+        shape = _latent_shape(encode, params, bs, resolution)
         valid = np.ones(n, bool)
         pb = bar(total=n, desc="encoding latents (once)", enabled=progress, unit="img")
         # Both arrays are renamed into place when the with-block ends, after their last write.
@@ -243,7 +245,7 @@ class LatentCache:
             arrays = {k: np.lib.format.open_memmap(
                 files.enter_context(atomic_path(os.path.join(folder, f"{k}.npy"))), mode="w+",
                 dtype=np.float32, shape=(n, *shape)) for k in ("mean", "logvar")}
-            _encode_range(fn, bs, sh, records, 0, n, arrays, valid, pb=pb, **opts)
+            _encode_range(fn, params, bs, sh, records, 0, n, arrays, valid, pb=pb, **opts)
             for a in arrays.values():
                 a.flush()
             del arrays
@@ -255,7 +257,7 @@ class LatentCache:
         return cls(folder)
 
     @staticmethod
-    def _build_shared(folder, want, records, encode, devices, batch_size, progress,
+    def _build_shared(folder, want, records, encode, params, devices, batch_size, progress,
                       **opts) -> None:
         """Several processes, one folder they all see: process 0 decides and publishes;
         if stale, each process encodes its contiguous share of the records into the same
@@ -271,7 +273,7 @@ class LatentCache:
             return
         n = len(records)
         fn, bs, sh = _encoder(encode, devices, batch_size)
-        shape = _latent_shape(encode, bs, resolution=opts["resolution"])
+        shape = _latent_shape(encode, params, bs, resolution=opts["resolution"])
         parts = {k: os.path.join(folder, f"{k}.npy.partial") for k in ("mean", "logvar", "valid")}
         if main:
             if os.path.isdir(folder):
@@ -295,7 +297,7 @@ class LatentCache:
         valid = np.load(parts["valid"], mmap_mode="r+")
         pb = bar(total=stop - start, desc="encoding latents (once, this process's share)",
                  enabled=progress, unit="img")
-        _encode_range(fn, bs, sh, records, start, stop, arrays, valid, pb=pb, **opts)
+        _encode_range(fn, params, bs, sh, records, start, stop, arrays, valid, pb=pb, **opts)
         pb.close()
         for a in (*arrays.values(), valid):
             a.flush()
@@ -339,7 +341,8 @@ class TextCache:
         cache_dir: str,
         source: str,
         captions: Sequence[str],
-        encode: Callable[[jax.Array], jax.Array],
+        encode: Callable[[Any, jax.Array], jax.Array],
+        params: Any,
         tokenize: Callable[[list[str]], np.ndarray],
         encoder_hash: str,
         *,
@@ -350,15 +353,15 @@ class TextCache:
             # Process 0 builds (or checks) it alone; the others read it once published.
             folder = _folder_for(cache_dir, "text", source)
             if jax.process_index() == 0:
-                cls._build_or_load(folder, captions, encode, tokenize, encoder_hash,
+                cls._build_or_load(folder, captions, encode, params, tokenize, encoder_hash,
                                    batch_size)
             multihost_utils.sync_global_devices(f"jaxmed.cache text {folder} published")
             return cls(folder)
         return cls._build_or_load(_folder_for(cache_dir, "text", source), captions, encode,
-                                  tokenize, encoder_hash, batch_size)
+                                  params, tokenize, encoder_hash, batch_size)
 
     @classmethod
-    def _build_or_load(cls, folder: str, captions: list[str], encode, tokenize,
+    def _build_or_load(cls, folder: str, captions: list[str], encode, params, tokenize,
                        encoder_hash: str, batch_size: int) -> TextCache:
         want = {"format": FORMAT, "text_encoder": encoder_hash,
                 "captions": hashlib.sha256(json.dumps(captions).encode()).hexdigest()}
@@ -378,7 +381,7 @@ class TextCache:
             pad = batch_size - len(chunk)
             if pad:  # one compiled shape
                 ids = np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)])
-            out.append(np.asarray(fn(ids))[:len(chunk)])
+            out.append(np.asarray(fn(params, ids))[:len(chunk)])
         context = np.concatenate(out).astype(np.float32)
         with atomic_path(os.path.join(folder, "context.npy")) as tmp:
             np.save(tmp, context)

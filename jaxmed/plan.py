@@ -367,7 +367,8 @@ def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, jso
     devs = plan_topologies.devices(topo)
     m = config.model
     _say(f"{what} step of {config.strategy.name} ({m.get('arch') or m.path}, "
-         f"{config.data.resolution} px, {m.dtype}, remat={m.remat}, mesh data="
+         f"{config.data.resolution} px, {m.dtype}, remat={m.remat}, attention="
+         f"{m.get('attention', 'auto')}, mesh data="
          f"{config.mesh.data} fsdp={config.mesh.fsdp} tensor={config.mesh.tensor}) for "
          f"{topo.name}", quiet)
     report: dict[str, Any] = {
@@ -376,6 +377,7 @@ def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, jso
         "peak_tflops_per_chip": topo.chip.peak_tflops if topo.chip else None,
         "capacity_bytes_per_chip": topo.capacity_bytes, "strategy": config.strategy.name,
         "model": m.get("arch") or m.path, "dtype": m.dtype, "remat": m.remat,
+        "attention": m.get("attention", "auto"),
         "resolution": config.data.resolution, "grad_accum": config.optim.grad_accum,
         "mesh": {k: config.mesh[k] for k in ("data", "fsdp", "tensor")},
     }

@@ -50,7 +50,9 @@ def model_configs(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
 def abstract_model(config: ml_collections.ConfigDict) -> StableDiffusion:
     configs, sched = model_configs(config)
     return StableDiffusion.from_configs(configs, sched, None, dtype=config.model.dtype,
-                                        remat=config.model.remat, path=config.model.path)
+                                        remat=config.model.remat,
+                                        attention=config.model.get("attention", "auto"),
+                                        path=config.model.path)
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:

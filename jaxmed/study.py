@@ -212,7 +212,8 @@ class Study:
         if self._sd is None:
             m = self.config.model
             self.stage(f"loading the base model {m.path}")
-            self._sd = StableDiffusion.load(m.path, dtype=m.dtype, remat=bool(m.remat))
+            self._sd = StableDiffusion.load(m.path, dtype=m.dtype, remat=bool(m.remat),
+                                            attention=m.get("attention", "auto"))
         return self._sd
 
     def finetune_config(self, name: str) -> ml_collections.ConfigDict:
@@ -221,6 +222,7 @@ class Study:
         over = {
             "seed": c.seed, "model.path": c.model.path, "model.dtype": c.model.dtype,
             "model.remat": bool(c.model.remat),
+            "model.attention": str(c.model.get("attention", "auto")),
             "data.resolution": int(c.data.resolution),
             "data.max_images": int(c.data.max_train_images),
             "data.caption_dropout": float(ft.caption_dropout),

@@ -233,6 +233,7 @@ class Trainer:
         if sd is None:
             sd, params = StableDiffusion.load(
                 config.model.path, dtype=config.model.dtype, remat=config.model.remat,
+                attention=config.model.get("attention", "auto"),
                 variant=config.model.variant or None, allow_pickle=config.model.allow_pickle)
         self.sd, host_params = sd, params
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
@@ -309,7 +310,7 @@ class Trainer:
         if use_lat:
             vae_params = self.host_params["vae"]
             self.latent_cache = LatentCache.build_or_load(
-                cache_dir, self.records, lambda x: sd.encode_images(vae_params, x),
+                cache_dir, self.records, sd.encode_images, vae_params,
                 params_hash(vae_params, {"vae": sd.vae.config.to_dict(), "dtype": dtype}),
                 resolution=d.resolution, on_bad_image=d.on_bad_image, workers=d.workers,
                 progress=self.config.log.progress and self.is_main)
@@ -323,7 +324,7 @@ class Trainer:
             text_params = self.host_params["text_encoder"]
             self.text_cache = TextCache.build_or_load(
                 cache_dir, self.records.source, variants,
-                lambda ids: sd.encode_text(text_params, ids), sd.tokenize,
+                sd.encode_text, text_params, sd.tokenize,
                 params_hash(text_params, {"text": sd.text_encoder.config.to_dict(),
                                           "dtype": dtype}))
         if self.is_main:

@@ -42,8 +42,8 @@ def test_cached_training_equals_encoding_on_the_fly(name, tiny_sd_folder, tiny_d
 
 
 def _encode(scale):
-    # A stand-in encoder: a pure function of the images, cheap to compile.
-    def f(x):
+    # A stand-in encoder (its params unused): a pure function of the images, cheap to compile.
+    def f(params, x):
         small = jax.image.resize(x, (x.shape[0], x.shape[1] // 4, x.shape[2] // 4, 3), "linear")
         return small * scale, small[..., :1] * 0 - 1.0 + small
     return f
@@ -51,7 +51,7 @@ def _encode(scale):
 
 def _build(cache_dir, records, scale=1.0, resolution=32):
     return LatentCache.build_or_load(
-        str(cache_dir), records, _encode(scale), params_hash({"s": np.float32(scale)}),
+        str(cache_dir), records, _encode(scale), {}, params_hash({"s": np.float32(scale)}),
         resolution=resolution, batch_size=4, progress=False, workers=2)
 
 
@@ -62,7 +62,7 @@ def test_stale_cache_is_detected_and_rebuilt(tmp_path, caplog):
     first = _build(cache_dir, records)
     assert isinstance(first.mean, np.memmap) and first.mean.shape == (6, 8, 8, 3)
     mtime = os.path.getmtime(os.path.join(first.folder, "mean.npy"))
-    expected = np.asarray(_encode(1.0)(np.stack([records.load(i, 32) for i in range(6)]))[0])
+    expected = np.asarray(_encode(1.0)({}, np.stack([records.load(i, 32) for i in range(6)]))[0])
     np.testing.assert_allclose(first.get(np.arange(6))["latent_mean"], expected, atol=1e-6)
 
     # unchanged: reused, not rewritten
@@ -110,20 +110,23 @@ def test_text_cache_holds_every_variant_and_rejects_others(tmp_path):
     captions = ["", "Chest X-ray showing Edema", "Normal chest X-ray with no significant findings"]
     calls = []
 
-    def encode(ids):
-        return ids.astype(np.float32)[..., None] * np.ones((1, 1, 2), np.float32)
+    def encode(params, ids):
+        return ids.astype(np.float32)[..., None] * params
+
+    ones = np.ones((1, 1, 2), np.float32)
 
     def tokenize(texts):
         calls.append(len(texts))  # called once per batch of captions encoded
         return np.array([[len(t), 1, 2] for t in texts], np.int32)
 
-    cache = TextCache.build_or_load(str(tmp_path), "src.csv", captions, encode, tokenize, "h1")
+    cache = TextCache.build_or_load(str(tmp_path), "src.csv", captions, encode, ones, tokenize,
+                                    "h1")
     np.testing.assert_array_equal(cache.lookup(["Chest X-ray showing Edema"])[0, :, 0],
                                   [25, 1, 2])
     with pytest.raises(KeyError, match="not in the text cache"):
         cache.lookup(["Chest X-ray showing Pneumonia"])
     n = len(calls)
-    TextCache.build_or_load(str(tmp_path), "src.csv", captions, encode, tokenize, "h1")
+    TextCache.build_or_load(str(tmp_path), "src.csv", captions, encode, ones, tokenize, "h1")
     assert len(calls) == n  # reused
-    TextCache.build_or_load(str(tmp_path), "src.csv", captions, encode, tokenize, "h2")
+    TextCache.build_or_load(str(tmp_path), "src.csv", captions, encode, ones, tokenize, "h2")
     assert len(calls) > n  # rebuilt for a changed text encoder

@@ -1,6 +1,8 @@
 """Which implementation runs each op the models and the optimizer call: a CPU path (a C++
 kernel, or jnp arranged for XLA:CPU) where the computation is lowered for CPU and the path
-applies, XLA's own op (`kernels.reference`) everywhere else.
+applies, XLA's own op (`kernels.reference`) everywhere else; for attention, also the
+accelerator kernels (`dot_product` on GPU, `tpu_flash` on TPU) that ``model.attention``
+selects (`attention`).
 
 The platform is the one being compiled for, not the host's: each choice is a
 `jax.lax.platform_dependent` whose branches are both traced, and lowering emits only the
@@ -23,7 +25,16 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
-from jaxmed.kernels import cpu_adamw, cpu_attention, cpu_conv, cpu_dense, cpu_jnp, reference
+from jaxmed.kernels import (
+    cpu_adamw,
+    cpu_attention,
+    cpu_conv,
+    cpu_dense,
+    cpu_jnp,
+    dot_product,
+    reference,
+    tpu_flash,
+)
 
 T = TypeVar("T")
 
@@ -85,28 +96,62 @@ def _attention_kernel_wins(elems: int, lk: int, d: int) -> bool:
     return elems > BLOCK_ELEMS and lk >= 256
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
-              mask: jax.Array | None = None, upcast: bool = True) -> jax.Array:
-    """Multi-head scaled dot-product attention on (B, L, C) tensors; returns (B, Lq, C).
+# `model.attention`: which attention the models run off CPU (CPU keeps its own choice
+# under "auto"; see `attention`).
+ATTENTION = ("auto", "einsum", "dot_product", "flash")
 
-    ``mask`` is boolean, broadcastable to (B, heads, Lq, Lk), True where attending is
-    allowed. Logits and softmax run in float32 when ``upcast`` (SD's ``upcast_attention``;
-    always safe, and what torch's SDPA does for fp16 on CPU). On CPU, unmasked attention
-    over more than KERNEL_ELEMS logits per example runs on the C++ kernel where it wins
-    (always in float32), else blocked above BLOCK_ELEMS.
-    """
-    ref = functools.partial(reference.attention, heads=heads, mask=mask, upcast=upcast)
+
+def _cpu_attention(q: jax.Array, k: jax.Array, heads: int, mask: jax.Array | None,
+                   upcast: bool) -> Callable[..., jax.Array] | None:
+    """The CPU path for these shapes (C++ kernel or blocked jnp), or None for the
+    reference: unmasked attention over more than KERNEL_ELEMS logits per example runs on
+    the C++ kernel where it wins (always in float32), else blocked above BLOCK_ELEMS."""
     lq, c = q.shape[1:]
     lk = k.shape[1]
     elems = heads * lq * lk
     if mask is not None or elems <= KERNEL_ELEMS:
-        return ref(q, k, v)
+        return None
     if _attention_kernel_wins(elems, lk, c // heads) and cpu_attention.available():
-        return on_cpu(functools.partial(cpu_attention.multi_head, heads=heads), ref, q, k, v)
+        return functools.partial(cpu_attention.multi_head, heads=heads)
     if elems > BLOCK_ELEMS:
-        cpu = functools.partial(cpu_jnp.blocked_attention, heads=heads, upcast=upcast)
-        return on_cpu(cpu, ref, q, k, v)
-    return ref(q, k, v)
+        return functools.partial(cpu_jnp.blocked_attention, heads=heads, upcast=upcast)
+    return None
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
+              mask: jax.Array | None = None, upcast: bool = True,
+              impl: str = "auto") -> jax.Array:
+    """Multi-head scaled dot-product attention on (B, L, C) tensors; returns (B, Lq, C).
+
+    ``mask`` is boolean, broadcastable to (B, heads, Lq, Lk), True where attending is
+    allowed. Logits and softmax run in float32 when ``upcast`` (SD's ``upcast_attention``;
+    always safe, and what torch's SDPA does for fp16 on CPU).
+
+    ``impl`` (`ATTENTION`, the config's ``model.attention``): ``einsum`` is
+    `reference.attention` on every platform; ``dot_product`` is `jax.nn.dot_product_attention`
+    on every platform (cuDNN's flash kernel on GPU where it applies); ``flash`` is the Pallas
+    kernel on TPU (`tpu_flash`; the einsum on TPU v2/v3, for masked attention, or where
+    Pallas is missing) and what ``auto`` picks elsewhere. ``auto`` picks per platform
+    compiled for: on CPU the CPU path (`_cpu_attention`), on GPU ``dot_product``, on TPU
+    ``flash``.
+    """
+    if impl not in ATTENTION:
+        raise ValueError(f"model.attention={impl!r}: choose one of {list(ATTENTION)}")
+    ref = functools.partial(reference.attention, heads=heads, mask=mask, upcast=upcast)
+    if impl == "einsum":
+        return ref(q, k, v)
+    if impl == "dot_product":
+        xla = functools.partial(dot_product.attention, heads=heads, mask=mask, upcast=upcast)
+        gpu = functools.partial(dot_product.gpu_attention, heads=heads, mask=mask,
+                                upcast=upcast)
+        return jax.lax.platform_dependent(q, k, v, cuda=gpu, rocm=gpu, default=xla)
+    cpu = _cpu_attention(q, k, heads, mask, upcast) or ref
+    gpu = functools.partial(dot_product.gpu_attention, heads=heads, mask=mask, upcast=upcast)
+    tpu = ref
+    if mask is None and tpu_flash.supported():
+        tpu = functools.partial(tpu_flash.attention, heads=heads, upcast=upcast)
+    return jax.lax.platform_dependent(q, k, v, cpu=cpu, cuda=gpu, rocm=gpu, tpu=tpu,
+                                      default=ref)
 
 
 def adamw(kernel: Callable[..., T], reference_update: Callable[..., T], params: Any,

@@ -116,8 +116,9 @@ class GroupNorm(nn.Module):
 
 # GroupNorm as per-channel sums over the pixels (reductions along the unit-stride channel
 # axis, which XLA:CPU vectorises) folded into groups, with the analytic backward pass
-# instead of autodiff's: fwd + bwd 3x faster than reducing (B, HW, G, C/G) over axes
-# (1, 3) on the medium UNet's 32x32x64 maps (0.57 vs 1.76 ms), same results to 1.4e-6.
+# instead of autodiff's: reducing a (B, HW, G, C/G) view over axes (1, 3) makes XLA:CPU
+# stride across the channels, and autodiff's backward re-reads the input several times
+# (tests/models/test_layers.py holds it to torch's GroupNorm).
 def _group_mean(sums: jax.Array, groups: int, n: int) -> jax.Array:
     """(B, C) per-channel sums -> their group means over n elements, as (B, 1, C)."""
     b, c = sums.shape
@@ -202,14 +203,16 @@ def attention(
     *,
     mask: jax.Array | None = None,
     upcast: bool = True,
+    impl: str = "auto",
 ) -> jax.Array:
     """Multi-head scaled dot-product attention on (B, L, C) tensors; returns (B, Lq, C).
 
     ``mask`` is boolean, broadcastable to (B, heads, Lq, Lk), True where attending is
     allowed. Logits and softmax run in float32 when ``upcast`` (SD's ``upcast_attention``).
-    The implementation is `kernels.dispatch.attention`'s choice for the platform compiled for.
+    The implementation is `kernels.dispatch.attention`'s choice for the platform compiled for
+    and ``impl`` (``model.attention``: auto, einsum, dot_product, flash).
     """
-    return dispatch.attention(q, k, v, heads, mask=mask, upcast=upcast)
+    return dispatch.attention(q, k, v, heads, mask=mask, upcast=upcast, impl=impl)
 
 
 def silu(x: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmed.diffusion import schedule as noise_schedule
+from jaxmed.kernels import dispatch
 from jaxmed.models import clip_text, tiny, unet, vae, weights
 from jaxmed.models.tokenizer import tokenize
 
@@ -58,6 +59,7 @@ class StableDiffusion:
         *,
         dtype: str = "float32",
         remat: bool = False,
+        attention: str = "auto",
         variant: str | None = None,
         allow_pickle: bool = False,
     ) -> tuple[StableDiffusion, dict]:
@@ -65,22 +67,29 @@ class StableDiffusion:
             name, _, res = path[len("random:"):].partition("@")
             cfgs = tiny.configs(name, int(res or 128))
             sd = cls.from_configs(cfgs, tiny.SD15_SCHEDULER, tiny.clip_tokenizer(), dtype=dtype,
-                                  remat=remat, path=path)
+                                  remat=remat, attention=attention, path=path)
             return sd, jax.device_get(tiny.init_params(cfgs, 0))
         folder = resolve(path)
         pipe = weights.load_pipeline(folder, variant=variant or None, allow_pickle=allow_pickle)
         sd = cls.from_configs(pipe.configs, pipe.scheduler_config, pipe.tokenizer,
-                              dtype=dtype, remat=remat, path=pipe.path)
+                              dtype=dtype, remat=remat, attention=attention, path=pipe.path)
         return sd, pipe.params
 
     @classmethod
     def from_configs(cls, configs: dict, scheduler_config: dict, tokenizer: Any = None, *,
-                     dtype: str = "float32", remat: bool = False, path: str = ""):
+                     dtype: str = "float32", remat: bool = False, attention: str = "auto",
+                     path: str = ""):
+        """``attention`` (``model.attention``) picks the UNet's attention implementation:
+        `jaxmed.kernels.dispatch.ATTENTION`."""
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+        if attention not in dispatch.ATTENTION:
+            raise ValueError(f"model.attention={attention!r}: choose one of "
+                             f"{list(dispatch.ATTENTION)}")
         dt = DTYPES[dtype]
         return cls(
-            unet=unet.UNet2DConditionModel(configs["unet"], dtype=dt, remat=remat),
+            unet=unet.UNet2DConditionModel(configs["unet"], dtype=dt, remat=remat,
+                                           attention=attention),
             vae=vae.AutoencoderKL(configs["vae"], dtype=dt, remat=remat),
             text_encoder=clip_text.CLIPTextModel(configs["text_encoder"], dtype=dt, remat=remat),
             schedule=noise_schedule.from_config(scheduler_config),

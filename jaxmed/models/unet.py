@@ -392,6 +392,8 @@ class UNet2DConditionModel(nn.Module):
     config: UNetConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    # model.attention: auto | einsum | dot_product | flash (jaxmed.kernels.dispatch.attention)
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -423,12 +425,14 @@ class UNet2DConditionModel(nn.Module):
         skips = [x]
         for i, kind in enumerate(cfg.down_block_types):
             x, res = DownBlock(
-                cfg, i, kind == CROSS_ATTN_DOWN, self.remat, self.dtype, name=f"down_blocks_{i}"
+                cfg, i, kind == CROSS_ATTN_DOWN, self.remat, self.dtype,
+                attention_impl=self.attention, name=f"down_blocks_{i}"
             )(x, temb, context)
             skips += res
 
         if cfg.mid_block_type == MID_CROSS_ATTN:
-            x = MidBlock(cfg, self.remat, self.dtype, name="mid_block")(x, temb, context)
+            x = MidBlock(cfg, self.remat, self.dtype, attention_impl=self.attention,
+                         name="mid_block")(x, temb, context)
 
         n = len(cfg.block_out_channels)
         for i, kind in enumerate(cfg.up_block_types):
@@ -437,7 +441,8 @@ class UNet2DConditionModel(nn.Module):
             # Upsample to the next skip's size: 2x, or torch's nearest resize for odd sizes.
             size = tuple(skips[-1].shape[1:3]) if i < n - 1 else None
             x = UpBlock(
-                cfg, i, kind == CROSS_ATTN_UP, self.remat, self.dtype, name=f"up_blocks_{i}"
+                cfg, i, kind == CROSS_ATTN_UP, self.remat, self.dtype,
+                attention_impl=self.attention, name=f"up_blocks_{i}"
             )(x, res, temb, context, size)
 
         x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x)

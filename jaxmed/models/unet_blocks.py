@@ -93,6 +93,7 @@ class Attention(nn.Module):
     heads: int
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    impl: str = "auto"  # model.attention: see jaxmed.kernels.dispatch.attention
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -102,7 +103,7 @@ class Attention(nn.Module):
         q = Linear(c, name="to_q", **qkv)(x)
         k = Linear(c, name="to_k", **qkv)(ctx)
         v = Linear(c, name="to_v", **qkv)(ctx)
-        o = layers.attention(q, k, v, self.heads, upcast=self.upcast)
+        o = layers.attention(q, k, v, self.heads, upcast=self.upcast, impl=self.impl)
         return Linear(c, axes=("heads", "embed"), dtype=self.dtype, name="to_out_0")(o)
 
 
@@ -136,10 +137,12 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        attn = dict(heads=self.heads, upcast=self.upcast, dtype=self.dtype)
+        attn = dict(heads=self.heads, upcast=self.upcast, dtype=self.dtype,
+                    impl=self.attention_impl)
         h = LayerNorm(1e-5, dtype=self.dtype, name="norm1")(x)
         x = x + Attention(name="attn1", **attn)(h)
         h = LayerNorm(1e-5, dtype=self.dtype, name="norm2")(x)
@@ -159,6 +162,7 @@ class Transformer2DModel(nn.Module):
     upcast: bool = False
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -174,7 +178,8 @@ class Transformer2DModel(nn.Module):
         block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
         for i in range(self.num_layers):
             h = block_cls(
-                self.heads, upcast=self.upcast, dtype=self.dtype, name=f"transformer_blocks_{i}"
+                self.heads, upcast=self.upcast, dtype=self.dtype,
+                attention_impl=self.attention_impl, name=f"transformer_blocks_{i}"
             )(h, context)
         if self.use_linear_projection:
             proj_out = Linear(c, dtype=self.dtype, name="proj_out")
@@ -239,6 +244,7 @@ class DownBlock(nn.Module):
     attention: bool
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb, context):
@@ -264,6 +270,7 @@ class DownBlock(nn.Module):
                     upcast=cfg.upcast_attention,
                     remat=self.remat,
                     dtype=self.dtype,
+                    attention_impl=self.attention_impl,
                     name=f"attentions_{j}",
                 )(x, context)
             skips.append(x)
@@ -280,6 +287,7 @@ class MidBlock(nn.Module):
     config: UNetConfig
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb, context):
@@ -296,6 +304,7 @@ class MidBlock(nn.Module):
             upcast=cfg.upcast_attention,
             remat=self.remat,
             dtype=self.dtype,
+            attention_impl=self.attention_impl,
             name="attentions_0",
         )(x, context)
         return resnet(*args, dtype=self.dtype, name="resnets_1")(x, temb)
@@ -310,6 +319,7 @@ class UpBlock(nn.Module):
     attention: bool
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, skips, temb, context, upsample_size=None):
@@ -337,6 +347,7 @@ class UpBlock(nn.Module):
                     upcast=cfg.upcast_attention,
                     remat=self.remat,
                     dtype=self.dtype,
+                    attention_impl=self.attention_impl,
                     name=f"attentions_{j}",
                 )(x, context)
         if level > 0:
