@@ -50,33 +50,9 @@ JAX_SPEC=${JAX_SPEC:-jax[cuda12]}
 EXTRA_PIP=${EXTRA_PIP-etils[epath-gcs]}
 LOG_DIR=${LOG_DIR:-$HOME/jaxmed-logs}
 SELF="bash $(printf %q "${BASH_SOURCE[0]}")"
-
-usage() {
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-}
-
-die() {
-  echo "gpu.sh: error: $*" >&2
-  exit 2
-}
-
-info() {
-  echo "$@" >&2
-}
-
-# The words, in single quotes where needed: what DRY_RUN and the hints print (sh and shlex
-# read it back as the same words).
-show() {
-  local word out=() sq="'" esc="'\\''"
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//$sq/$esc}'")
-    fi
-  done
-  printf '%s' "${out[*]}"
-}
+PROG=gpu.sh
+# shellcheck source=launch/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 do_() {
   if [[ ${DRY_RUN:-0} == 1 ]]; then
@@ -95,10 +71,6 @@ need_gpu() {
   command -v nvidia-smi >/dev/null \
     || die "nvidia-smi not found: this host has no NVIDIA driver (install the driver; the jax wheels bring CUDA)"
   nvidia-smi -L >&2 || die "nvidia-smi -L failed: the driver sees no GPU"
-}
-
-valid_run_name() {
-  [[ $1 =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN=$1: use letters, digits, '.', '_' and '-' only"
 }
 
 alive() {

@@ -97,39 +97,15 @@ EXTRA_PIP=${EXTRA_PIP-etils[epath-gcs]}
 EVAL_PLATFORMS=${EVAL_PLATFORMS-cpu}
 SCOPES=https://www.googleapis.com/auth/cloud-platform
 SELF="bash $(printf %q "${BASH_SOURCE[0]}")"
-
-usage() {
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-}
-
-die() {
-  echo "tpu_pod.sh: error: $*" >&2
-  exit 2
-}
-
-info() {
-  echo "$@" >&2
-}
+PROG=tpu_pod.sh
+# shellcheck source=launch/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # The shell-quoted words, joined by spaces: safe to paste into a remote shell command.
 quote() {
   local out
   printf -v out '%q ' "$@"
   printf '%s' "${out% }"
-}
-
-# The same, in single quotes where needed: what DRY_RUN and the hints print, for humans
-# and for `sh`/shlex alike.
-show() {
-  local word out=() sq="'" esc="'\\''"
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//$sq/$esc}'")
-    fi
-  done
-  printf '%s' "${out[*]}"
 }
 
 gcloud_do() {
@@ -163,10 +139,6 @@ remote_path() {
 # Run the shell command text $1 on WORKERS (all by default) of the slice.
 ssh_workers() {
   gcloud_do compute tpus tpu-vm ssh "${target[@]}" "--worker=${WORKERS:-all}" "--command=$1"
-}
-
-valid_run_name() {
-  [[ $1 =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN=$1: use letters, digits, '.', '_' and '-' only"
 }
 
 # The remote shell text that picks the run: $1 if given, else the worker's latest run.

@@ -115,7 +115,10 @@ def test_bash_syntax(script):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_clean():
-    p = subprocess.run(["shellcheck", str(TPU_POD), str(GPU)], capture_output=True, text=True)
+    # -x follows the `. common.sh` both scripts source (the path is relative to the repo).
+    p = subprocess.run(["shellcheck", "-x", str(TPU_POD), str(GPU),
+                        str(TPU_POD.parent / "common.sh")], capture_output=True, text=True,
+                       cwd=TPU_POD.parent.parent)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
