@@ -520,7 +520,7 @@ class Trainer:
             if not self.is_main:
                 return None
             local = sharding.make_mesh(-1, 1, 1, devices=jax.local_devices())
-            with sharding.activation_sharding(local):
+            with jax.set_mesh(local), sharding.axis_rules():
                 images = generate(self.sd, params, prompts, fn=self._sample_fn)
         else:
             images = generate(self.sd, params, prompts, fn=self._sample_fn)
