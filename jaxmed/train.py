@@ -520,6 +520,8 @@ class Trainer:
             if not self.is_main:
                 return None
             local = sharding.make_mesh(-1, 1, 1, devices=jax.local_devices())
+            # Set even on a one-device local mesh: it must replace the run's global mesh
+            # context (activation_sharding would enter nothing there).
             with jax.set_mesh(local), sharding.axis_rules():
                 images = generate(self.sd, params, prompts, fn=self._sample_fn)
         else:
