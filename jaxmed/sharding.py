@@ -164,6 +164,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def put(tree: Any, shardings: Any) -> Any:
+    """Host arrays -> global jax Arrays with ``shardings`` (works multi-host: each process
+    supplies the shards it addresses)."""
+    def one(x, sh):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+    return jax.tree_util.tree_map(one, tree, shardings)
+
+
 def to_host(tree: Any) -> Any:
     """Numpy copies of a tree of (possibly sharded) global arrays, whole on every process.
     With several processes it is a collective: every process must call it. Leaf by leaf,

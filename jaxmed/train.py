@@ -151,15 +151,6 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
 # Placement
 
 
-def put(tree: Any, shardings: Any) -> Any:
-    """Host arrays -> global jax Arrays with ``shardings`` (works multi-host: each process
-    supplies the shards it addresses)."""
-    def one(x, sh):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-    return jax.tree_util.tree_map(one, tree, shardings)
-
-
 def cache_use(config: ml_collections.ConfigDict, strategy: Strategy) -> tuple[bool, bool]:
     """(latent cache on, text cache on) for this config and strategy: ``auto`` caches what
     the strategy keeps frozen; ``on`` for a component it trains is an error."""
@@ -239,7 +230,7 @@ class Trainer:
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
                                        devices=devices)
         specs = sharding.param_specs(sd.abstract_variables(), self.mesh)
-        params = put(host_params, sharding.tree_shardings(host_params, self.mesh, specs))
+        params = sharding.put(host_params, sharding.tree_shardings(host_params, self.mesh, specs))
         self.host_params = host_params  # for encoding the caches; dropped after setup
         rng = jax.random.PRNGKey(config.seed)
         abs_t, abs_f = jax.eval_shape(self.strategy.init, params, rng)

@@ -212,7 +212,7 @@ def make_sample_fn(
             args = [xp.concatenate([a, xp.repeat(a[-1:], pad, axis=0)]) for a in args]
         if mesh is not None:
             params = jax.device_put(params, p_sh)
-            args = [_put(a, batch_sh[a.ndim]) for a in args]
+            args = [sharding.put(a, batch_sh[a.ndim]) for a in args]
             with sharding.activation_sharding(mesh):
                 out = jitted(params, *args)
         else:
@@ -222,10 +222,6 @@ def make_sample_fn(
     call.jitted, call.replicas, call.micro_batch, call.mesh = jitted, replicas, micro_batch, mesh
     call.height, call.width = height, width
     return call
-
-
-def _put(x: np.ndarray, sh) -> jax.Array:
-    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
 
 @functools.lru_cache(maxsize=8)
