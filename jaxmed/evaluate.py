@@ -19,6 +19,12 @@ against generated images whose prompt carries it -- and over all images:
 * Domain FID: the same distance on the pooled features of a chest X-ray classifier trained
   on real images (the authors used a CheXpert DenseNet-121; jaxmed's study uses its own
   classifier, see `jaxmed.study`).
+* KID beside each FID: unbiased MMD^2 with the cubic polynomial kernel over subsets (mean
+  and subset SD; `jaxmed.eval.uncertainty`).
+* 95% intervals (``row["ci"]``) for FID, KID and Vendi from half-samples of the real and
+  the generated images (`jaxmed.eval.uncertainty`); ``out_dir/features.npz`` keeps the
+  generated set's features, judge probabilities and labels, so that comparisons between
+  models can be paired later.
 * Vendi (q=1, cosine kernel) of the generated images, on the domain features (what the
   authors' code does with its DenseNet) and on Inception features when available; the
   real images' Vendi is reported beside it for scale.
@@ -51,6 +57,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxmed import files
 from jaxmed.data import read_chexpert_csv
 from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import ALL, CONDITIONS, LABELS
@@ -64,6 +71,7 @@ from jaxmed.eval.classifier import (
 )
 from jaxmed.eval.fid import RankDeficientWarning, fid_from_features
 from jaxmed.eval.report import COLUMNS, metrics_markdown, write_metrics
+from jaxmed.eval.uncertainty import DEFAULT_B, metric_intervals
 from jaxmed.eval.vendi import vendi_score
 from jaxmed.logging_utils import progress as progress_bar
 
@@ -188,7 +196,7 @@ class Evaluator:
                  vendi: bool = True, clip: str | None = None, fid_method: str = "auto",
                  label_columns: Sequence[str] = LABELS, batch_size: int = 64,
                  inception_batch_size: int = 50, progress: bool = True,
-                 max_real: int | None = None):
+                 max_real: int | None = None, intervals: int = DEFAULT_B, seed: int = 0):
         if fid_method not in FID_METHODS:
             raise ValueError(f"fid_method must be one of {FID_METHODS}; got {fid_method!r}")
         self.label_columns = tuple(label_columns)
@@ -209,6 +217,8 @@ class Evaluator:
         self.batch_size = int(batch_size)
         self.inception_batch_size = int(inception_batch_size)
         self.progress = progress
+        self.intervals = int(intervals)  # replicates per interval; 0: no intervals
+        self.seed = int(seed)
         self.notes: list[str] = []
         self.inception = None
         self.inception_message = ""
@@ -291,6 +301,7 @@ class Evaluator:
                         row[f"vendi_{kind}"] = float(vendi_score(gen_f[kind][g], q=1))
                 if "domain" in real_f and r.sum() >= 1:
                     row["vendi_domain_real"] = float(vendi_score(real_f["domain"][r], q=1))
+            row["ci"] = self._uncertainty(row, real_f, gen_f, r, g)
             if "clip" in gen_f and g.sum() >= 1:
                 row["clip_score"] = float(np.mean(gen_f["clip"][g]))
             rows[cond] = row
@@ -329,7 +340,29 @@ class Evaluator:
         }
         if out_dir is not None:
             write_metrics(result, out_dir)
+            save_features(os.path.join(out_dir, "features.npz"), gen_f, gen.labels,
+                          gen.label_columns)
         return result
+
+    def _uncertainty(self, row: dict, real_f: dict, gen_f: dict, r: np.ndarray,
+                     g: np.ndarray) -> dict:
+        """KID (into ``row``) and the row's intervals {metric: Interval dict}."""
+        ci: dict[str, dict] = {}
+        for kind in ("inception", "domain"):
+            if kind not in gen_f or g.sum() < 1:
+                continue
+            iv = metric_intervals(real_f[kind][r], gen_f[kind][g], b=self.intervals or 2,
+                                  seed=self.seed, fid=row.get(f"fid_{kind}"),
+                                  vendi=row.get(f"vendi_{kind}"))
+            if "kid" in iv:
+                row[f"kid_{kind}"], row[f"kid_{kind}_sd"] = iv["kid"].value, iv["kid_sd"]
+            if not self.intervals:
+                continue
+            for m in ("fid", "kid", "vendi"):
+                if m in iv and (m != "fid" or row.get(f"fid_{kind}") is not None) and (
+                        m != "vendi" or row.get(f"vendi_{kind}") is not None):
+                    ci[f"{m}_{kind}"] = iv[m].to_dict()
+        return ci
 
     def _fid(self, real: np.ndarray, gen: np.ndarray) -> tuple[float | None, str]:
         n1, n2, d = real.shape[0], gen.shape[0], real.shape[1]
@@ -346,6 +379,21 @@ class Evaluator:
             note = (f"N <= d (real {n1}, generated {n2}, d {d}): rank-deficient covariances, "
                     f"FID biased upwards; compare only at equal N ({method})")
         return float(value), note
+
+
+def save_features(path: str, feats: dict, labels: np.ndarray,
+                  label_columns: Sequence[str]) -> str:
+    """``features.npz``: each feature kind, the 0/1 labels (NaN = blank) and their names."""
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, labels=np.asarray(labels, np.float32),
+                 label_columns=np.asarray(list(label_columns)),
+                 **{k: np.asarray(v, np.float32) for k, v in feats.items()})
+    return path
+
+
+def load_features(path: str) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _dedupe(items: Sequence[str]) -> list[str]:

@@ -25,8 +25,9 @@ DASH = "—"
 # Columns of metrics.csv / the markdown table of one evaluation (`jaxmed.evaluate` fills a
 # row per condition with these keys), in order; None values print as blanks / "—".
 COLUMNS: tuple[str, ...] = (
-    "condition", "n_generated", "n_real", "fid_inception", "fid_domain", "vendi_domain",
-    "vendi_domain_real", "vendi_inception", "align_auroc", "align_accuracy", "align_hit",
+    "condition", "n_generated", "n_real", "fid_inception", "fid_domain", "kid_inception",
+    "kid_inception_sd", "kid_domain", "kid_domain_sd", "vendi_domain", "vendi_domain_real",
+    "vendi_inception", "align_auroc", "align_accuracy", "align_hit",
     "clip_score",
 )
 
@@ -36,6 +37,10 @@ COLUMN_TITLES = {
     "n_real": "N real",
     "fid_inception": "FID-Inception",
     "fid_domain": "domain FID",
+    "kid_inception": "KID-Inception",
+    "kid_inception_sd": "KID-Inc. SD",
+    "kid_domain": "domain KID",
+    "kid_domain_sd": "domain KID SD",
     "vendi_domain": "Vendi (domain)",
     "vendi_domain_real": "Vendi real (domain)",
     "vendi_inception": "Vendi (Inception)",
