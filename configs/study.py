@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.inception_weights = ""
     c.eval.clip = ""  # a transformers CLIP folder for a CLIPScore
     c.eval.fid_method = "auto"  # auto | sqrtm | eigh
+    c.eval.intervals = 400  # half-sample replicates per 95% interval (0: none)
 
     c.classifier = ml_collections.ConfigDict()  # the judge and the downstream classifiers
     c.classifier.arch = "small_cnn"
@@ -115,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.regimes.repeats = 1
     c.regimes.seeds = ()  # () = seed, seed + 1, ...
     c.regimes.use_valid = True  # keep each classifier's best weights on real validation
+    # ... on a validation subset scaled with the real fraction (a run with 1% of the real
+    # training films selects on 1% of the validation films), not the whole split
+    c.regimes.scale_valid = True
+    c.regimes.downstream_strategy = ""  # finding 3's strategy; "": lowest validation FID
 
     c.log = ml_collections.ConfigDict()
     c.log.progress = True

@@ -32,8 +32,10 @@ time, FID-Inception, domain FID, Vendi, alignment, macro AUROC per regime; per-c
 tables; the study's three findings, each stated as reproduced or not with its numbers;
 the settings), ``fid_vs_params.png``, ``auroc_vs_fraction.png``, ``<name>/samples.png`` and
 ``samples_all.png`` (rows = models, columns = conditions, the same prompts and seeds).
-The tables and markdown are arranged by `jaxmed.eval.tables`, the findings judged by
-`jaxmed.eval.findings`.
+Every compared number carries a 95% interval (`jaxmed.eval.uncertainty`), a real-vs-real
+floor (validation vs test films at the same N) sits beside the models, and each finding's
+verdict is read off an interval. The results files are written by `jaxmed.study_results`,
+the tables arranged by `jaxmed.eval.tables`, the findings judged by `jaxmed.eval.findings`.
 """
 
 from __future__ import annotations
@@ -55,18 +57,18 @@ from jaxmed import files, images, strategies, train
 from jaxmed.cli import ConfigError, enable_compilation_cache, load_config, parse, set_override
 from jaxmed.data import phantom
 from jaxmed.data.labels import ALL, CONDITIONS
-from jaxmed.eval import report, tables
+from jaxmed.eval import report
 from jaxmed.eval.classifier import (
     ClassifierConfig,
     TrainedClassifier,
     run_regimes,
     train_classifier,
 )
-from jaxmed.eval.findings import three_findings
 from jaxmed.eval.tables import BASE
 from jaxmed.evaluate import Evaluator, ImageSet, load_images, read_image_set
 from jaxmed.models.sd import StableDiffusion
 from jaxmed.sample import synthesize
+from jaxmed.study_results import write_results
 
 
 class Study:
@@ -199,7 +201,7 @@ class Study:
                            modes=("real",), repeats=int(r.repeats), seeds=self._seeds(),
                            config=self.classifier_config(judge=False),
                            val=self.arrays("valid") if r.use_valid else None,
-                           progress=self.progress)
+                           scale_val=bool(r.scale_valid), progress=self.progress)
         report.write_json(path, rows)
         return report.clean(rows)
 
@@ -304,7 +306,7 @@ class Study:
                 self.image_set("test"), domain_classifier=judge, inception=bool(e.inception),
                 inception_weights=e.inception_weights or None, conditions=self.conditions,
                 vendi=True, clip=e.clip or None, fid_method=e.fid_method,
-                progress=self.progress)
+                progress=self.progress, intervals=int(e.intervals), seed=int(self.config.seed))
             self._evaluator.real_features()
         return self._evaluator
 
@@ -375,7 +377,8 @@ class Study:
             self.arrays("train"), (x, y), self.arrays("test"), fr, modes=tuple(modes),
             repeats=int(r.repeats), seeds=self._seeds(),
             config=self.classifier_config(judge=False),
-            val=self.arrays("valid") if r.use_valid else None, progress=self.progress))
+            val=self.arrays("valid") if r.use_valid else None, scale_val=bool(r.scale_valid),
+            progress=self.progress))
 
     def sample_grid(self, name: str) -> str:
         s = read_image_set(self.path(name, "synth"))
@@ -442,7 +445,7 @@ class Study:
             results[m] = self.run_model(m, judge)
         self.stage("writing results.csv, results.md, plots")
         self.log_invocation(todo)
-        out = write_results(self, results, real_rows)
+        out = write_results(self, results, real_rows, judge)
         self.stage(f"finished: {out['md']}")
         return out
 
@@ -470,78 +473,6 @@ def _loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-# ------------------------------------------------------------------------ results files
-
-
-def write_results(study: Study, results: dict[str, dict], real_rows: list[dict]) -> dict:
-    """results.csv, results.md, results.json, the two plots and samples_all.png."""
-    c = study.config
-    conds = list(study.conditions)
-    names = [m for m in study.models() if m in results]
-    real_tab = tables.regime_table(real_rows)
-    fractions = sorted({f for (_, f) in real_tab if f is not None})
-    strat_fracs = sorted({float(f) for f in (c.regimes.strategy_fractions or c.regimes.fractions)})
-    scarcest = min(fractions + strat_fracs) if (fractions or strat_fracs) else None
-
-    def overall(m, key):
-        return tables.overall(results, m, key)
-
-    inception = any(overall(m, "fid_inception") is not None for m in names)
-    fid_key = "fid_inception" if inception else "fid_domain"
-    fid_name = "FID-Inception" if inception else "domain FID"
-
-    headers, table = tables.results_table(results, names, real_tab, fractions, strat_fracs)
-    csv_path = files.atomic_write(study.path("results.csv"), report.csv_text(headers, table))
-
-    plots = {}
-    pts = [(m, results[m].get("trainable_params"), overall(m, fid_key)) for m in names
-           if m != BASE]
-    base_fid = overall(BASE, fid_key) if BASE in results else None
-    plots["fid_vs_params"] = report.plot_fid_vs_params(
-        pts, study.path("fid_vs_params.png"), ylabel=f"{fid_name} (all conditions)",
-        base=base_fid)
-    curves, syn_only = {}, {}
-    for m in names:
-        tab = tables.regime_table(results[m].get("regimes", []))
-        curves[m] = [(f, tab.get(("real+synthetic", f))) for f in strat_fracs]
-        syn_only[m] = tab.get(("synthetic", None))
-    plots["auroc_vs_fraction"] = report.plot_auroc_vs_fraction(
-        [(f, real_tab.get(("real", f))) for f in fractions], curves,
-        study.path("auroc_vs_fraction.png"), synthetic_only=syn_only)
-    plots["samples_all"] = samples_all(study, names)
-
-    findings = three_findings(results, names, fid_key, fid_name, real_tab, scarcest)
-    md = tables.results_markdown(study, results, names, headers, table, conds, findings,
-                                 real_tab, fractions, strat_fracs)
-    md_path = files.atomic_write(study.path("results.md"), md)
-    report.write_json(study.path("results.json"), {"findings": findings, "headers": headers,
-                                                   "rows": table})
-    return {"csv": csv_path, "md": md_path, "plots": plots, "findings": findings}
-
-
-def samples_all(study: Study, names: Sequence[str]) -> str:
-    """Rows: a real test image per condition, then each model; columns: the conditions."""
-    conds = list(study.conditions)
-    rows, labels = [], []
-    real = study.image_set("test")
-    first = []
-    for c in conds:
-        idx = np.nonzero(real.positives(c))[0][:1]
-        first.append(load_images([real.paths[idx[0]]])[0] if len(idx) else None)
-    rows.append(first)
-    labels.append("real (test)")
-    for m in names:
-        s = read_image_set(study.path(m, "synth"))
-        row = []
-        for c in conds:
-            idx = np.nonzero(s.positives(c))[0][:1]
-            row.append(load_images([s.paths[idx[0]]])[0] if len(idx) else None)
-        rows.append(row)
-        labels.append(m)
-    return files.save_image(images.grid(rows, row_labels=labels, col_labels=conds),
-                            study.path("samples_all.png"))
 
 
 # ------------------------------------------------------------------------ command line

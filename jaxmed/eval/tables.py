@@ -15,18 +15,50 @@ import numpy as np
 
 from jaxmed.data.labels import ALL
 from jaxmed.eval import report
+from jaxmed.eval.uncertainty import fmt_interval
 
 # The un-tuned base model's name among the study's models.
 BASE = "base"
 
 # The overall (all-conditions) metrics results.csv shows per model, in order.
-METRICS = ("fid_inception", "fid_domain", "vendi_domain", "vendi_inception", "align_auroc",
-           "align_accuracy", "clip_score")
+METRICS = ("fid_inception", "fid_domain", "kid_inception", "kid_domain", "vendi_domain",
+           "vendi_inception", "align_auroc", "align_accuracy", "clip_score")
+# Metrics with a 95% interval in each row's "ci" (`jaxmed.evaluate`); results.csv carries
+# <metric>_lo / <metric>_hi beside them, results.md shows ``value [lo, hi]``.
+CI_METRICS = ("fid_inception", "fid_domain", "kid_inception", "kid_domain", "vendi_domain",
+              "vendi_inception")
+# The results table's row for the real-vs-real floor (`jaxmed.study_results.floor`).
+FLOOR = "real: valid vs test"
 
 
 def overall(results: dict, m: str, key: str) -> Any:
     """Model ``m``'s all-conditions value of metric ``key`` (None when not computed)."""
     return results[m]["metrics"]["rows"][ALL].get(key)
+
+
+def interval(results: dict, m: str, key: str, cond: str = ALL) -> dict | None:
+    """Model ``m``'s interval dict of ``key`` ({value, lo, hi, ...}), or None."""
+    return results[m]["metrics"]["rows"][cond].get("ci", {}).get(key)
+
+
+def _metric_headers() -> list[str]:
+    out = []
+    for k in METRICS:
+        out.append(k)
+        if k in CI_METRICS:
+            out += [f"{k}_lo", f"{k}_hi"]
+    return out
+
+
+def _metric_cells(row: dict) -> list[Any]:
+    out = []
+    ci = row.get("ci") or {}
+    for k in METRICS:
+        out.append(row.get(k))
+        if k in CI_METRICS:
+            iv = ci.get(k) or {}
+            out += [iv.get("lo"), iv.get("hi")]
+    return out
 
 
 def _mean(vals) -> float | None:
@@ -54,14 +86,17 @@ def regime_col(mode: str, f) -> str:
 
 def results_table(results: dict, names: Sequence[str], real_tab: dict,
                   fractions: Sequence[float],
-                  strat_fracs: Sequence[float]) -> tuple[list[str], list[list[Any]]]:
+                  strat_fracs: Sequence[float], *, floor: dict | None = None
+                  ) -> tuple[list[str], list[list[Any]]]:
     """(headers, rows) of results.csv: a row per model -- what it trains, its size and train
-    time, the overall metrics, then macro AUROC per downstream regime (synthetic only,
-    real + synthetic at each strategy fraction, real only at each fraction)."""
+    time, the overall metrics with their 95% bounds, then macro AUROC per downstream regime
+    (synthetic only, real + synthetic at each strategy fraction, real only at each
+    fraction); last, with ``floor`` (an evaluation of real validation films), the
+    real-vs-real row."""
     regime_cols = [("synthetic", None)] + [("real+synthetic", f) for f in strat_fracs]
     real_cols = [("real", f) for f in fractions]
     headers = ["name", "trains", "trainable_params", "train_seconds", "steps", "n_generated",
-               *METRICS]
+               *_metric_headers()]
     headers += [regime_col(m, f) for m, f in regime_cols + real_cols]
     table = []
     for m in names:
@@ -71,28 +106,51 @@ def results_table(results: dict, names: Sequence[str], real_tab: dict,
         row = [m, "+".join(r.get("trains", [])) or "-", r.get("trainable_params"),
                None if secs is None else round(float(secs), 1), r.get("steps"),
                overall(results, m, "n_generated")]
-        row += [overall(results, m, k) for k in METRICS]
+        row += _metric_cells(results[m]["metrics"]["rows"][ALL])
         row += [tab.get(k) for k in regime_cols] + [real_tab.get(k) for k in real_cols]
+        table.append(row)
+    if floor is not None:
+        fr = floor["rows"][ALL]
+        row = [FLOOR, "-", None, None, None, fr.get("n_generated")] + _metric_cells(fr)
+        row = [None if h.startswith("align") or h == "clip_score" else v
+               for h, v in zip(headers, row + [None] * (len(headers) - len(row)), strict=True)]
         table.append(row)
     return headers, table
 
 
+def display_table(headers: Sequence[str], table: Sequence[Sequence[Any]]
+                  ) -> tuple[list[str], list[list[Any]]]:
+    """results.md's form of the results table: ``value [lo, hi]`` cells, no bound columns."""
+    keep = [i for i, h in enumerate(headers) if not h.endswith(("_lo", "_hi"))]
+    rows = []
+    for r in table:
+        cells = []
+        for i in keep:
+            h = headers[i]
+            if h in CI_METRICS and r[i] is not None:
+                j = headers.index(f"{h}_lo")
+                cells.append(fmt_interval({"value": r[i], "lo": r[j], "hi": r[j + 1]},
+                                          4 if h.startswith("kid") else 3))
+            else:
+                cells.append(r[i])
+        rows.append(cells)
+    return [headers[i] for i in keep], rows
+
+
 def verdict(f: dict) -> str:
-    if f["reproduced"] is None:
-        return "NOT TESTED"
-    k = f" ({f['count'][0]}/{f['count'][1]} strategies)" if f.get("count") else ""
-    if f["reproduced"]:
-        return "REPRODUCED" + k
-    return ("PARTLY REPRODUCED" if f.get("partial") else "NOT REPRODUCED") + k
+    """The finding's verdict word (`jaxmed.eval.findings`)."""
+    return f["verdict"]
 
 
 def results_markdown(study, results: dict, names: Sequence[str], headers: Sequence[str],
                      table: Sequence[Sequence[Any]], conds: list[str], findings: list[dict],
                      real_tab: dict, fractions: Sequence[float],
-                     strat_fracs: Sequence[float]) -> str:
-    """results.md: the findings, the judge, the per-model and per-condition tables, the
-    real-only classifiers, the plots and the settings. ``study`` is the `jaxmed.study.Study`
-    (its config, invocation log and judge summary)."""
+                     strat_fracs: Sequence[float], *, floor: dict | None = None,
+                     chosen: dict | None = None) -> str:
+    """results.md: the findings, the judge, the per-model and per-condition tables (with
+    95% intervals and the real-vs-real floor), the real-only classifiers, the plots and the
+    settings. ``study`` is the `jaxmed.study.Study` (its config, invocation log and judge
+    summary); ``chosen``: how finding 3's strategy was chosen (`jaxmed.study_results`)."""
     c = study.config
     L: list[str] = [f"# jaxmed study: preset `{c.preset}`", ""]
     total = sum(sum(results[m].get("seconds", {}).values()) for m in names)
@@ -111,6 +169,20 @@ def results_markdown(study, results: dict, names: Sequence[str], headers: Sequen
     L += ["## The study's three findings, on this run's data", ""]
     for i, f in enumerate(findings, 1):
         L += [f"{i}. **{verdict(f)}** — {f['claim']}.  ", f"   Evidence: {f['evidence']}.", ""]
+    L += ["A verdict is read off a 95% interval of the effect, oriented so that positive is "
+          "what the study claims: REPRODUCED when the interval lies above zero, NOT "
+          "REPRODUCED when it lies below, INCONCLUSIVE when it contains zero or cannot be "
+          "formed. FID / KID / Vendi intervals come from half-samples of the real and the "
+          "generated images (paired across models: every model is sampled from the same "
+          "prompts and noise); downstream differences from the paired (seed, repeat) runs "
+          "(`jaxmed.eval.uncertainty`).", ""]
+    L += _budget_notes(c, findings)
+    if chosen:
+        vf = chosen.get("validation_fid") or {}
+        L += [f"Finding 3's strategy: **{chosen.get('downstream_strategy') or '-'}** "
+              f"({chosen.get('downstream_how', '')}); the test split played no part in the "
+              "choice." + (" FID against the validation films: " + ", ".join(
+                  f"{m} {report.fmt(v)}" for m, v in vf.items()) + "." if vf else ""), ""]
     if c.data.kind == "phantom":
         L += ["These are findings on *phantom* chest X-rays with a tiny foundation model and a "
               "short fine-tuning budget, not on CheXpert with SD 1.5: they test whether the "
@@ -132,16 +204,29 @@ def results_markdown(study, results: dict, names: Sequence[str], headers: Sequen
           "model). `auroc_*` columns: macro AUROC on the real test split of a classifier "
           "trained on synthetic images only, real + synthetic at a real fraction, or real "
           "only (the same for every row).", ""]
-    L += [report.md_table(headers, table), ""]
+    L += [report.md_table(*display_table(headers, table)), ""]
+    if floor is not None:
+        nf = floor["rows"][ALL]["n_generated"]
+        ng = results[names[0]]["metrics"]["rows"][ALL]["n_generated"]
+        L += [f"`{FLOOR}`: {nf} real validation films, as many per condition as each model "
+              "generates, scored against the same real test films: the value a generator "
+              "indistinguishable from real films would get at this N"
+              + (f" (the validation split holds too few films of some conditions: {nf} "
+                 f"rather than {ng}, so the floor sits at a smaller N)" if nf != ng else "")
+              + ". Cells are `value [95% interval]`; KID is the mean over subsets (its "
+              "subset SD in results.csv).", ""]
     # per condition tables
     for key, title in (("fid_inception", "FID-Inception"), ("fid_domain", "domain FID"),
+                       ("kid_inception", "KID-Inception"), ("kid_domain", "domain KID"),
                        ("vendi_domain", "Vendi (q=1, domain features)"),
                        ("align_auroc", "alignment AUROC (judge vs prompt)"),
                        ("align_accuracy", "alignment accuracy")):
         if not any(results[m]["metrics"]["rows"][ALL].get(key) is not None for m in names):
             continue
-        rows = [[m] + [results[m]["metrics"]["rows"][cc].get(key) for cc in conds + [ALL]]
+        rows = [[m] + [_cell(results[m]["metrics"]["rows"][cc], key) for cc in conds + [ALL]]
                 for m in names]
+        if floor is not None and key in CI_METRICS:
+            rows.append([FLOOR] + [_cell(floor["rows"][cc], key) for cc in conds + [ALL]])
         L += [f"### {title} per condition", "", report.md_table(["model"] + conds + [ALL], rows),
               ""]
     first = results[names[0]]["metrics"]
@@ -175,12 +260,46 @@ def results_markdown(study, results: dict, names: Sequence[str], headers: Sequen
           f"- classifiers: {c.classifier.arch} widths {tuple(c.classifier.widths)} at "
           f"{c.classifier.image_size} px; judge {c.classifier.judge_epochs} epochs; downstream "
           f"{c.classifier.regime_steps} steps each, batch {c.classifier.batch_size}, "
-          f"best-on-validation={bool(c.regimes.use_valid)}; real fractions "
+          f"checkpoint selection on real validation: {_valid_text(c)}; real fractions "
           f"{[frac_label(f) for f in fractions]} (real only), "
           f"{[frac_label(f) for f in strat_fracs]} (real + synthetic); "
-          f"{c.regimes.repeats} repeat(s)",
+          f"{c.regimes.repeats} repeat(s); real + synthetic trains on every synthetic image "
+          f"plus the real fraction (the ratio is stated in finding 3)",
+          f"- intervals: {c.eval.intervals} half-sample replicates per interval, 95%",
           f"- FID route: {c.eval.fid_method} (eigh when N <= d, else sqrtm)", ""]
     return "\n".join(L)
+
+
+def _cell(row: dict, key: str) -> Any:
+    iv = (row.get("ci") or {}).get(key)
+    if iv is None or row.get(key) is None:
+        return row.get(key)
+    return fmt_interval(iv, 4 if key.startswith("kid") else 3)
+
+
+def _budget_notes(c, findings: list[dict]) -> list[str]:
+    """What this preset's budget cannot decide, said next to the verdicts."""
+    notes = []
+    if int(c.regimes.repeats) < 2:
+        notes.append("one downstream repeat gives one (seed, repeat) pair: finding 3 has no "
+                     "interval and can only be INCONCLUSIVE (`regimes.repeats` >= 3 for a "
+                     "verdict)")
+    n = int(c.synth.per_condition)
+    if n < 30:
+        notes.append(f"{n} generated images per condition: per-condition intervals are wide "
+                     "and FID is far above its large-N value (compare only at equal N, and "
+                     "against the floor row)")
+    if not notes:
+        return []
+    return ["What this preset's budget cannot decide: " + "; ".join(notes) + ".", ""]
+
+
+def _valid_text(c) -> str:
+    if not c.regimes.use_valid:
+        return "none (fixed steps, last weights)"
+    if c.regimes.get("scale_valid", False):
+        return "a validation subset scaled with the real fraction"
+    return "the whole validation split"
 
 
 def _steps_text(c) -> str:

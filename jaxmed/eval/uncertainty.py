@@ -311,7 +311,9 @@ def metric_intervals(real: Any, gen: Any, *, b: int = DEFAULT_B, seed: int = 0,
     (FID / Vendi around the given point values, else recomputed; KID the subset mean) and
     'kid_sd' (the SD over KID's subsets). Keys are missing when a set is too small: FID and
     KID need >= 2 images per side (their bounds >= 4), Vendi >= 1 (bounds >= 4)."""
-    xr, xg = _features(real, "real"), _features(gen, "generated")
+    xr, xg = np.asarray(real, np.float64), np.asarray(gen, np.float64)
+    if xr.ndim != 2 or xg.ndim != 2:
+        raise ValueError(f"features must be (N, d) arrays; got {xr.shape} and {xg.shape}")
     hs = HalfSamples(xr.shape[0], xg.shape[0], b, seed)
     out: dict[str, Any] = {}
     if xr.shape[0] >= 2 and xg.shape[0] >= 2:
@@ -322,7 +324,9 @@ def metric_intervals(real: Any, gen: Any, *, b: int = DEFAULT_B, seed: int = 0,
         f = float(fid)
         k, ksd = kid(xr, xg, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
         if hs.usable:
-            out["fid"] = centred_interval(fid_replicates(xr, xg, hs.real, hs.gen), f, level)
+            iv = centred_interval(fid_replicates(xr, xg, hs.real, hs.gen), f, level)
+            # FID is a squared distance: a centred bound below 0 says "0"
+            out["fid"] = dataclasses.replace(iv, lo=max(iv.lo, 0.0))
             out["kid"] = centred_interval(kid_replicates(xr, xg, hs.real, hs.gen), k, level)
         else:
             out["fid"] = Interval(f, math.nan, math.nan, level)

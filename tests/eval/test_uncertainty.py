@@ -166,3 +166,9 @@ def test_family_ranking_verdicts():
     null = {m: model(0.3) for m in fam}
     f0 = findings.family_ranking(real, null, fam, b=200, seed=0)
     assert f0["verdict"] != findings.REPRODUCED, f0
+
+
+def test_metric_intervals_of_an_empty_real_set_give_vendi_only():
+    rng = np.random.default_rng(6)
+    out = U.metric_intervals(np.zeros((0, 8)), rng.normal(size=(12, 8)), b=20)
+    assert set(out) == {"vendi"} and out["vendi"].lo <= out["vendi"].value <= out["vendi"].hi

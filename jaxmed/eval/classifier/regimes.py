@@ -39,6 +39,16 @@ def subset_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([np.asarray(chosen, np.int64), rng.permutation(rest)])
 
 
+def _scaled_val(x: np.ndarray, y: np.ndarray, frac: float | None, seed: int):
+    """The validation subset for real fraction ``frac`` (None: synthetic only -> none)."""
+    if frac is None:
+        return None, None
+    order = subset_order(y, np.random.default_rng([int(seed), 1]))
+    n = max(int(round(frac * x.shape[0])), y.shape[1])  # the head covers each label once
+    idx = np.sort(order[:n])
+    return x[idx], y[idx]
+
+
 def _check_pair(pair, name: str, num_labels: int):
     if pair is None:
         return None
@@ -53,14 +63,20 @@ def run_regimes(real_train, synthetic, test, fractions: Sequence[float] = (
         0.01, 0.05, 0.10, 0.25, 0.5, 1.0), modes: Sequence[str] = (
         "real", "synthetic", "real+synthetic"), repeats: int = 1,
         seeds: Sequence[int] | None = None, config: ClassifierConfig | None = None, *,
-        val=None, progress: bool = False, value_range: str = "auto") -> list[dict]:
+        val=None, progress: bool = False, value_range: str = "auto",
+        scale_val: bool = False) -> list[dict]:
     """Train one classifier per (repeat, mode, fraction) and score it on the real test set.
 
     ``real_train``, ``synthetic``, ``test`` and the optional ``val`` are (images, labels)
     pairs. Real subsets are prefixes of `subset_order` (seeded per repeat; nested across
     fractions). 'synthetic' trains on all synthetic images once per repeat and reports
     ``fraction=None``. With ``val`` the classifier keeps its best-on-val weights and the
-    rows also carry F1 at per-label thresholds chosen on val (``f1_best``).
+    rows also carry F1 at per-label thresholds chosen on val (``f1_best``). With
+    ``scale_val`` a run at real fraction f selects on a prefix of `subset_order` of val
+    holding max(f x N_val, number of labels) images (the head covers every label), so
+    that selection uses no more labelled real data than training does (docs/STUDY.md
+    "Where jaxmed departs from the study"); synthetic-only runs then train for the fixed
+    number of steps (no real data).
 
     Each row: fraction, mode, repeat, seed, n_real, n_synthetic, n_train, best_step, plus the
     `metrics.summarize` keys (macro_auroc, auroc, n_auroc_excluded, f1, macro_f1, ...).
@@ -118,16 +134,19 @@ def run_regimes(real_train, synthetic, test, fractions: Sequence[float] = (
             xs.append(syn_x)
             ys.append(synthetic[1])
         cfg = config.replace(seed=seed)
-        clf = train_classifier(cfg, np.concatenate(xs), np.concatenate(ys),
-                               val_x if val is not None else None,
-                               val[1] if val is not None else None, progress=progress)
+        vx, vy = (val_x, val[1]) if val is not None else (None, None)
+        if val is not None and scale_val:
+            vx, vy = _scaled_val(val_x, val[1], frac, seed)
+        clf = train_classifier(cfg, np.concatenate(xs), np.concatenate(ys), vx, vy,
+                               progress=progress)
         thresholds = None
-        if val is not None:
-            thresholds = M.best_thresholds(val[1], clf.predict_proba(val_x))
+        if vx is not None:
+            thresholds = M.best_thresholds(vy, clf.predict_proba(vx))
         summary = M.summarize(test[1], clf.predict_proba(test_x), cfg.labels,
                               thresholds=thresholds)
         row = {"fraction": frac, "mode": mode, "repeat": r, "seed": seed, "n_real": n_real,
-               "n_synthetic": n_syn, "n_train": n_real + n_syn, "best_step": clf.best_step}
+               "n_synthetic": n_syn, "n_train": n_real + n_syn, "best_step": clf.best_step,
+               "n_val": 0 if vx is None else int(vx.shape[0])}
         row.update({k: v for k, v in summary.items() if k not in ("labels",)})
         row["n_test"] = row.pop("n")
         rows.append(row)
