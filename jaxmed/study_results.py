@@ -5,7 +5,7 @@ features and the real-vs-real floor, this module
 
 * picks finding 3's strategy without the test split: the one fixed in the config
   (``regimes.downstream_strategy``) or else the fine-tuned strategy with the lowest FID
-  against the real *validation* films;
+  against the floor's real *validation* films;
 * tests the three findings with intervals (`jaxmed.eval.findings`, docs/STUDY.md "The
   study");
 * writes results.csv / results.md / results.json, the plots and samples_all.png.
@@ -34,8 +34,8 @@ from jaxmed.evaluate import ImageSet, load_features, load_images, read_image_set
 
 
 def real_features(study, split: str, judge=None) -> dict:
-    """The real ``split``'s features (test or valid), computed once with the study's
-    evaluator and kept in ``WORKDIR/eval_real/<split>_features.npz``."""
+    """The real ``split``'s features, computed once with the study's evaluator and kept in
+    ``WORKDIR/eval_real/<split>_features.npz``."""
     path = study.path("eval_real", f"{split}_features.npz")
     if os.path.isfile(path):
         return load_features(path)
@@ -77,7 +77,7 @@ def floor(study, judge=None) -> dict:
 
 def validation_fids(results: dict, names: Sequence[str], valid: dict, gen: dict,
                     kind: str) -> dict[str, float]:
-    """{model: FID of its generated set against all real validation films}."""
+    """{model: FID of its generated set against the real validation films ``valid``}."""
     out = {}
     for m in names:
         if m in gen and kind in gen[m] and kind in valid:
@@ -173,8 +173,10 @@ def write_results(study, results: dict[str, dict], real_rows: list[dict], judge=
     gen = {m: load_features(p) for m in names
            if os.path.isfile(p := study.path(m, "eval", "features.npz"))}
     test = real_features(study, "test", judge)
-    valid = real_features(study, "valid", judge)
     floor_metrics = floor(study, judge)
+    # the floor's balanced validation films (as many per condition as each model
+    # generates) are also what finding 3's strategy is chosen on
+    valid = load_features(study.path("floor", "features.npz"))
     found, chosen = compute_findings(study, results, names, kind, fid_name, real_rows,
                                      scarcest, gen, test, valid)
 

@@ -15,6 +15,7 @@ from jaxmed import evaluate as E
 from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import CONDITIONS, CSV_COLUMNS, LABELS
 from jaxmed.eval import inception, report
+from jaxmed.eval import uncertainty as U
 from jaxmed.eval.classifier import ClassifierConfig, TrainedClassifier, train_classifier
 from jaxmed.eval.inception import extractor, weights
 
@@ -128,6 +129,22 @@ def test_files_and_counts(toy, tmp_path):
     assert "| condition | N gen | N real |" in md and "domain FID" in md
     # every condition has 5 generated images < d = 64 features: the rank note is there
     assert any("N <= d" in n for n in res["notes"])
+    # KID beside FID, 95% intervals around each value, features kept for paired comparisons
+    ov = res["rows"]["all"]
+    assert ov["kid_domain"] is not None and ov["kid_domain_sd"] >= 0
+    for k in ("fid_domain", "kid_domain", "vendi_domain"):
+        iv = ov["ci"][k]
+        assert iv["lo"] <= iv["value"] <= iv["hi"] and iv["value"] == ov[k], k
+    feats = E.load_features(os.path.join(out, "features.npz"))
+    assert feats["domain"].shape[0] == 30 and feats["judge"].shape == (30, len(CONDITIONS))
+    assert abs(U.fid_replicates(toy_real_features(toy), feats["domain"],
+                                np.arange(48)[None], np.arange(30)[None])[0]
+               - ov["fid_domain"]) < 1e-3 * max(1.0, ov["fid_domain"])
+
+
+def toy_real_features(toy):
+    return E.Evaluator(toy["real"], domain_classifier=toy["clf"], inception=False,
+                       progress=False).real_features()["domain"]
 
 
 def test_alignment_true_labels_high_shuffled_low(toy):

@@ -155,11 +155,19 @@ def kid(real: Any, gen: Any, *, subsets: int = 100, subset_size: int = 1000,
         raise ValueError(f"KID needs >= 2 images per side; got {xr.shape[0]} real, "
                          f"{xg.shape[0]} generated")
     rng = np.random.default_rng(seed)
+    draws = [(rng.choice(xr.shape[0], m, replace=False), rng.choice(xg.shape[0], m,
+                                                                    replace=False))
+             for _ in range(subsets)]
     vals = np.empty(subsets)
-    for s in range(subsets):
-        y = xr[rng.choice(xr.shape[0], m, replace=False)]
-        x = xg[rng.choice(xg.shape[0], m, replace=False)]
-        vals[s] = mmd2_unbiased(poly_kernel(x, x), poly_kernel(y, y), poly_kernel(x, y))
+    if max(xr.shape[0], xg.shape[0]) <= GRAM_MAX:  # each kernel entry computed once
+        kxx, kyy, kxy = _kernels(xr, xg)
+        for s, (iy, ix) in enumerate(draws):
+            vals[s] = mmd2_unbiased(kxx[np.ix_(ix, ix)], kyy[np.ix_(iy, iy)],
+                                    kxy[np.ix_(ix, iy)])
+    else:
+        for s, (iy, ix) in enumerate(draws):
+            y, x = xr[iy], xg[ix]
+            vals[s] = mmd2_unbiased(poly_kernel(x, x), poly_kernel(y, y), poly_kernel(x, y))
     return float(vals.mean()), float(vals.std())
 
 

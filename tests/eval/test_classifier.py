@@ -418,3 +418,21 @@ def test_subset_order_keeps_a_positive_of_every_label():
     assert (y[order[:5]].sum(axis=0) > 0).all()
     again = C.subset_order(y, np.random.default_rng(1))
     np.testing.assert_array_equal(order, again)
+
+
+def test_scaled_validation_follows_the_real_fraction():
+    """With scale_val, a run at real fraction f selects on max(f x N_val, labels) validation
+    images whose head covers every label; synthetic-only runs select on none."""
+    from jaxmed.eval.classifier.regimes import _scaled_val
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 4)) < 0.3).astype(np.float32)
+    x = np.arange(200)
+    for f, n in ((0.01, 4), (0.1, 20), (0.5, 100), (1.0, 200)):
+        xv, yv = _scaled_val(x, y, f, seed=3)
+        assert len(xv) == n and (yv.sum(axis=0) > 0).all(), f
+    assert _scaled_val(x, y, None, seed=3) == (None, None)
+    # nested across fractions of one seed (prefixes of one order)
+    small, _ = _scaled_val(x, y, 0.1, seed=3)
+    big, _ = _scaled_val(x, y, 0.5, seed=3)
+    assert set(small) <= set(big)
