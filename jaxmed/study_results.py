@@ -6,8 +6,8 @@ features and the real-vs-real floor, this module
 * picks finding 3's strategy without the test split: the one fixed in the config
   (``regimes.downstream_strategy``) or else the fine-tuned strategy with the lowest FID
   against the floor's real *validation* films;
-* tests the three findings with intervals (`jaxmed.eval.findings`, docs/STUDY.md "The
-  study");
+* tests the three findings with intervals (`jaxmed.eval.findings`;
+  docs/STUDY.md "The study");
 * writes results.csv / results.md / results.json, the plots and samples_all.png.
 
 The floor: FID / KID / Vendi of a balanced set of real validation films, as many per
@@ -176,7 +176,8 @@ def write_results(study, results: dict[str, dict], real_rows: list[dict], judge=
     floor_metrics = floor(study, judge)
     # the floor's balanced validation films (as many per condition as each model
     # generates) are also what finding 3's strategy is chosen on
-    valid = load_features(study.path("floor", "features.npz"))
+    vpath = study.path("floor", "features.npz")
+    valid = load_features(vpath) if os.path.isfile(vpath) else {}
     found, chosen = compute_findings(study, results, names, kind, fid_name, real_rows,
                                      scarcest, gen, test, valid)
 

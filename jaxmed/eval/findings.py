@@ -44,8 +44,8 @@ NOT_REPRODUCED = "NOT REPRODUCED"
 INCONCLUSIVE = "INCONCLUSIVE"
 NOT_TESTED = "NOT TESTED"
 
-# The study's strategy families (docs/STUDY.md "The 11 strategies and their
-# hyperparameters"); jaxmed's extra strategies are not in the family test.
+# The study's strategy families; jaxmed's extra strategies are not in the family test.
+# docs/STUDY.md "The 11 strategies and their hyperparameters"
 FAMILY_OF = {"unet": "unet", "unet+text": "unet", "unet+vae": "unet", "unet+vae+text": "unet",
              "lora": "adapter", "dora": "adapter", "bitfit": "adapter", "difffit": "adapter",
              "text": "frozen", "vae": "frozen", "vae+text": "frozen"}
