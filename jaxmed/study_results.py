@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxmed import files, images
+from jaxmed.data.labels import ALL
 from jaxmed.eval import findings as F
 from jaxmed.eval import report, tables
 from jaxmed.eval.fid import RankDeficientWarning, fid_from_features
@@ -143,10 +144,45 @@ def compute_findings(study, results: dict, names: Sequence[str], kind: str, fid_
     out = F.three_findings(fid_name=fid_name, ranking=ranking, alignment=align,
                            alignment_why=why, downstream=down, scarcest_label=label,
                            chosen=chosen, chosen_how=how, downstream_why=dwhy)
+    plots = finding_plots(study, ranking, align, fid_name)
     return out, {"validation_fid": val_fids, "downstream_strategy": chosen,
-                 "downstream_how": how,
+                 "downstream_how": how, "plots": plots,
                  "per_model_fid": ({m: iv.to_dict() for m, iv in ranking["per_model"].items()}
                                    if ranking and "per_model" in ranking else {})}
+
+
+def finding_plots(study, ranking: dict | None, align: dict | None, fid_name: str) -> dict:
+    """finding1_fid.png (each model's and each family's FID with its interval) and
+    finding2_alignment.png (each strategy's alignment gain over the base)."""
+    out = {}
+    if ranking and ranking.get("per_model"):
+        rows = []
+        for key in ranking.get("ranking", []):
+            f = ranking["families"][key]
+            iv = f["fid"]
+            rows.append((f"{F.FAMILY_NAMES[key]} (mean)", iv.value, iv.lo, iv.hi,
+                         F.FAMILY_NAMES[key]))
+            for m in f["members"]:
+                iv = ranking["per_model"][m]
+                rows.append((f"  {m}", iv.value, iv.lo, iv.hi, F.FAMILY_NAMES[key]))
+        path = study.path("finding1_fid.png")
+        floor_path = study.path("floor", "metrics.json")
+        fl = None
+        if os.path.isfile(floor_path):
+            fl = report.read_json(floor_path)["rows"][ALL].get(
+                "fid_inception" if fid_name.startswith("FID-Inc") else "fid_domain")
+        out["finding1"] = report.plot_intervals(
+            rows, path, xlabel=f"{fid_name} (all conditions), 95% interval",
+            ref=fl, ref_label="real vs real", title="Finding 1: strategy families by FID")
+    if align:
+        rows = [(m, iv.value, iv.lo, iv.hi, "") for m, iv in align["per_model"].items()]
+        rows.insert(0, ("mean of fine-tuned", align["effect"].value, align["effect"].lo,
+                        align["effect"].hi, ""))
+        out["finding2"] = report.plot_intervals(
+            rows, study.path("finding2_alignment.png"),
+            xlabel="alignment macro AUROC minus the base's, 95% interval", ref=0.0,
+            title="Finding 2: alignment gain over the un-tuned base")
+    return out
 
 
 # ------------------------------------------------------------------------ results files
@@ -210,6 +246,7 @@ def write_results(study, results: dict[str, dict], real_rows: list[dict], judge=
                       report.clean({"findings": F.jsonable(found), "headers": headers,
                                     "rows": table, "selection": chosen,
                                     "floor": floor_metrics["rows"]}))
+    plots.update(chosen.pop("plots"))
     return {"csv": csv_path, "md": md_path, "plots": plots, "findings": found}
 
 

@@ -236,3 +236,39 @@ def plot_auroc_vs_fraction(real_only: Sequence[tuple[float, float | None]],
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_intervals(rows: Sequence[tuple[str, float, float, float, str]], path: str, *,
+                   xlabel: str, ref: float | None = None, ref_label: str = "",
+                   title: str = "") -> str:
+    """Horizontal 95% intervals, one row per (label, value, lo, hi, group) from the top,
+    coloured by group; a dashed vertical line at ``ref`` (zero, or the real-vs-real floor)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * max(1, len(rows))), dpi=110)
+    cmap = plt.get_cmap("tab10")
+    groups = list(dict.fromkeys(g for *_, g in rows))
+    for i, (label, v, lo, hi, g) in enumerate(rows):
+        y = len(rows) - 1 - i
+        color = cmap(groups.index(g) % 10)
+        if all(x is not None and math.isfinite(x) for x in (lo, hi)):
+            ax.plot([lo, hi], [y, y], color=color, lw=2, alpha=0.8)
+        if v is not None and math.isfinite(v):
+            ax.scatter([v], [y], color=color, s=22, zorder=3,
+                       label=g if g and label == next(r[0] for r in rows if r[4] == g)
+                       else None)
+    if ref is not None and math.isfinite(ref):
+        ax.axvline(ref, ls="--", color="grey", lw=1)
+        if ref_label:
+            ax.text(ref, len(rows) - 0.5, f" {ref_label}", fontsize=7, color="grey",
+                    va="bottom")
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows][::-1], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    if any(groups):
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

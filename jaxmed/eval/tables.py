@@ -8,6 +8,7 @@ tables and markdown. Nothing here trains, samples or scores.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -240,7 +241,12 @@ def results_markdown(study, results: dict, names: Sequence[str], headers: Sequen
           report.md_table(["real fraction"] + [frac_label(f) for f in fractions],
                           [["macro AUROC"] + [real_tab.get(("real", f)) for f in fractions]]),
           ""]
-    L += ["## Plots", "", "![FID vs trainable parameters](fid_vs_params.png)", "",
+    L += ["## Plots", ""]
+    for f, alt in (("finding1_fid.png", "finding 1: FID by strategy family"),
+                   ("finding2_alignment.png", "finding 2: alignment gain over the base")):
+        if os.path.isfile(study.path(f)):
+            L += [f"![{alt}]({f})", ""]
+    L += ["![FID vs trainable parameters](fid_vs_params.png)", "",
           "![AUROC vs real fraction](auroc_vs_fraction.png)", "",
           "![samples](samples_all.png)", "", "Per model: `<name>/samples.png`; metrics: "
           "`<name>/eval/metrics.md`.", ""]
