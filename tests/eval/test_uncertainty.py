@@ -172,3 +172,23 @@ def test_metric_intervals_of_an_empty_real_set_give_vendi_only():
     rng = np.random.default_rng(6)
     out = U.metric_intervals(np.zeros((0, 8)), rng.normal(size=(12, 8)), b=20)
     assert set(out) == {"vendi"} and out["vendi"].lo <= out["vendi"].value <= out["vendi"].hi
+
+
+def test_generic_bootstrap_and_macro_auroc_api():
+    """The API for other metrics (e.g. alignment): the percentile bootstrap of a mean has
+    the normal-theory width (within 15%), and macro_auroc_replicates at the identity equals
+    the evaluator's alignment AUROC (`alignment_from_probs`)."""
+    from jaxmed.eval.alignment import alignment_from_probs
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=400)
+    iv = U.bootstrap(np.mean, x, b=400, seed=1)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))
+    assert abs((iv.hi - iv.lo) / (2 * half) - 1) < 0.15 and iv.lo < iv.value < iv.hi
+    y = (rng.random((40, 3)) < 0.4).astype(float)
+    p = np.clip(y * 0.3 + rng.random((40, 3)) * 0.7, 0, 1)
+    y[0, 1] = np.nan  # a blank prompt label
+    p[1, 0] = p[2, 0]  # a tie
+    ref = alignment_from_probs(p, y, ("a", "b", "c"))["all"]["auroc"]
+    got = U.macro_auroc_replicates(p, y, np.arange(40)[None])[0]
+    assert abs(got - ref) < 1e-9
