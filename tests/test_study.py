@@ -158,3 +158,18 @@ def test_phantom_labels_are_learnable(tmp_path):
     assert js["n_train"] >= 800 and js["n"] >= 150
     assert js["macro_auroc"] >= c.classifier.min_macro_auroc == 0.85, js["auroc"]
     assert min(js["auroc"].values()) > 0.65, js["auroc"]  # every condition, not the mean
+    # The judge on the images it will judge, through the generated images' route: the
+    # films at the synthesis resolution stored grey, and their reconstructions by the
+    # foundation model's VAE (jaxmed.eval.judge).
+    v = js["views"]
+    assert v["color"] == "grey" and v["resolution"] == 64
+    assert abs(v["real"]["macro_auroc"] - js["macro_auroc"]) < 1e-9  # one route
+    for view in ("synthesis_resolution", "vae_reconstruction"):
+        assert v[view]["n"] == js["n"]
+        assert v[view]["macro_auroc"] >= 0.85, (view, v[view]["auroc"])
+    assert v["ok"]
+    # positive control: the reconstructions scored as a generated set by Evaluator
+    pc = v["positive_control"]
+    assert pc["view"] == "vae_reconstruction" and pc["n"] == js["n"]
+    assert pc["interval"][0] > 0.75 and pc["shuffled_interval"][0] < 0.5 < \
+        pc["shuffled_interval"][1], pc
