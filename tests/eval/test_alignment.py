@@ -78,7 +78,8 @@ def test_interval_over_seeds_covers_chance_under_the_null():
         pa = A._PairedAlignment(p, y, g)
         wins, pairs = pa.group_counts()
         lo, hi = A.bootstrap_interval_over_groups(
-            lambda w: A._PairedAlignment.within(wins, pairs, w)[0], 30, n_boot=300, seed=r)
+            lambda w, a=wins, b=pairs: A._PairedAlignment.within(a, b, w)[0], 30, n_boot=300,
+            seed=r)
         cover += lo <= 0.5 <= hi
         value = A._PairedAlignment.within(wins, pairs)[0][0]
         null = [A._PairedAlignment.within(*pa.with_labels(
