@@ -55,7 +55,12 @@ from jaxmed.data import read_chexpert_csv
 from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import ALL, CONDITIONS, LABELS
 from jaxmed.eval import inception as inception_lib
-from jaxmed.eval.alignment import ClipScorer, classifier_alignment, paired_alignment_row
+from jaxmed.eval.alignment import (
+    ClipScorer,
+    classifier_alignment,
+    paired_alignment_row,
+    save_judge_scores,
+)
 from jaxmed.eval.classifier import (
     ClassifierConfig,
     TrainedClassifier,
@@ -301,11 +306,13 @@ class Evaluator:
                 row["clip_score"] = float(np.mean(gen_f["clip"][g]))
             rows[cond] = row
         alignment = None
+        # images that share their noise (paired synthesis), else each image on its own
+        alignment_groups = gen.noise_ids if gen.noise_ids is not None else np.arange(len(gen))
         if "judge" in gen_f:
             alignment = classifier_alignment(
                 self.judge, None, gen.labels, self.conditions,
                 label_columns=self.label_columns, probs=gen_f["judge"],
-                groups=gen.noise_ids if gen.noise_ids is not None else np.arange(len(gen)))
+                groups=alignment_groups)
             for cond, a in alignment["per_condition"].items():
                 rows[cond].update(align_auroc=a["auroc"], align_accuracy=a["accuracy"],
                                   align_hit=a["hit"])
@@ -337,6 +344,9 @@ class Evaluator:
         }
         if out_dir is not None:
             write_metrics(result, out_dir)
+            if "judge" in gen_f:  # for paired model-vs-model comparisons later
+                save_judge_scores(out_dir, gen_f["judge"], gen.labels, alignment_groups,
+                                  self.judge.label_names, self.label_columns)
         return result
 
     def _fid(self, real: np.ndarray, gen: np.ndarray) -> tuple[float | None, str]:

@@ -9,10 +9,13 @@ import os
 import time
 
 import pytest
+from PIL import Image
 
 from jaxmed import study
 from jaxmed.cli import ConfigError, load_config, set_override
 from jaxmed.data import phantom
+from jaxmed.data.labels import CONDITIONS
+from jaxmed.eval import alignment
 
 EXPECTED_COLUMNS = ["name", "trains", "trainable_params", "train_seconds", "steps",
                     "n_generated", "fid_inception", "fid_domain", "vendi_domain",
@@ -73,6 +76,22 @@ def test_ci_study_end_to_end(ci_run):
     done = json.load(open(os.path.join(wd, "lora", "done.json")))
     assert done["trains"] == ["unet"] and done["steps"] == 3
     assert done["metrics"]["rows"]["all"]["n_generated"] == 18
+
+    # Paired, grey synthesis; alignment with intervals and controls; the judge's views.
+    with open(os.path.join(wd, "lora", "synth", "metadata.csv")) as f:
+        meta = list(csv.DictReader(f))
+    assert [m["noise_id"] for m in meta] == ["0", "1", "2"] * 6  # 3 seeds x 6 prompts
+    assert Image.open(os.path.join(wd, "lora", "synth", meta[0]["Path"])).mode == "L"
+    row = done["metrics"]["rows"]["all"]
+    assert row["align_groups"] == 3 and len(row["align_paired_auroc_ci"]) == 2
+    assert 0 <= row["align_paired_p_value"] <= 1
+    assert "### Alignment as a paired test" in md and "Positive control" in md
+    views = json.load(open(os.path.join(wd, "judge", "test.json")))["views"]
+    assert set(views) >= {"real", "synthesis_resolution", "vae_reconstruction", "ok"}
+    d = alignment.paired_difference_of(os.path.join(wd, "lora", "eval"),
+                                       os.path.join(wd, "base", "eval"), CONDITIONS,
+                                       n_boot=20)
+    assert d["n_groups"] == 3 and len(d["within_seed"]["interval"]) == 2
 
 
 def test_rerun_skips_finished_and_resumes_unfinished(ci_run, tiny_sd_folder, capsys):

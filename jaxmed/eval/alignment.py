@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxmed import files
 from jaxmed.eval import metrics as M
 
 
@@ -330,8 +331,8 @@ def paired_alignment(probs: np.ndarray, prompt_labels: np.ndarray, groups,
     * ``null``: ``n_perm`` such permutations: their mean, central ``level`` range, and the
       one-sided permutation p-value of ``value`` (H0: the prompt does not move the judge).
 
-    With every image in its own group (unpaired noise) the within-seed AUROC is NaN and
-    the pooled interval is over images.
+    With every image in its own group (unpaired noise) ``within_seed`` is None, the
+    pooled interval is over images and the prompts are shuffled across all images.
     """
     p = np.asarray(probs, np.float64)
     y = np.asarray(prompt_labels, np.float64)
@@ -342,8 +343,10 @@ def paired_alignment(probs: np.ndarray, prompt_labels: np.ndarray, groups,
                          f"must be (N, {len(conditions)}), (N, {len(conditions)}) and (N,)")
     base = _PairedAlignment(p, y, g)
     rng = np.random.default_rng(seed)
-    shuffled = base.with_labels(_shuffle_within_groups(y, base.g_index, rng))
-    null_labels = [_shuffle_within_groups(y, base.g_index, rng) for _ in range(n_perm)]
+    # prompts are shuffled inside each seed; with no seed shared (unpaired), across all
+    strata = base.g_index if base.pi.size else np.zeros_like(base.g_index)
+    shuffled = base.with_labels(_shuffle_within_groups(y, strata, rng))
+    null_labels = [_shuffle_within_groups(y, strata, rng) for _ in range(n_perm)]
     kw = dict(n_boot=n_boot, level=level, seed=seed)
 
     def pooled_of(a):
@@ -405,3 +408,72 @@ def paired_alignment_row(paired: dict | None) -> dict:
                    align_paired_shuffled_auroc_ci=within["shuffled"]["interval"],
                    align_paired_p_value=within["null"]["p_value"])
     return row
+
+
+def paired_difference(probs_a: np.ndarray, probs_b: np.ndarray, prompt_labels: np.ndarray,
+                      groups, conditions: Sequence[str], *, n_boot: int = 1000,
+                      level: float = 0.95, seed: int = 0) -> dict:
+    """Model A's alignment minus model B's on the same prompts and noise (row i of both
+    is the same prompt from the same noise, as the study synthesises every model): the
+    pooled and within-seed macro AUROC differences with percentile bootstrap intervals,
+    both models resampled with the same seeds (a paired interval)."""
+    pa, pb = np.asarray(probs_a, np.float64), np.asarray(probs_b, np.float64)
+    if pa.shape != pb.shape:
+        raise ValueError(f"the two models' probabilities differ in shape: {pa.shape} vs "
+                         f"{pb.shape}; score the same synthesis plan with both")
+    a, b = _PairedAlignment(pa, prompt_labels, groups), _PairedAlignment(pb, prompt_labels,
+                                                                         groups)
+    kw = dict(n_boot=n_boot, level=level, seed=seed)
+    out = {"n_groups": a.n_groups, "level": level}
+    out["pooled"] = {"difference": a.pooled()[0] - b.pooled()[0],
+                     "interval": list(bootstrap_interval_over_groups(
+                         lambda w: np.array([a.pooled(r)[0] - b.pooled(r)[0] for r in w]),
+                         a.n_groups, **kw))}
+    wa, wb = a.group_counts(), b.group_counts()
+    if wa[1].sum() == 0:
+        out["within_seed"] = None
+        return out
+    out["within_seed"] = {
+        "difference": float(_PairedAlignment.within(*wa)[0][0]
+                            - _PairedAlignment.within(*wb)[0][0]),
+        "interval": list(bootstrap_interval_over_groups(
+            lambda w: _PairedAlignment.within(*wa, w)[0] - _PairedAlignment.within(*wb, w)[0],
+            a.n_groups, **kw))}
+    return out
+
+
+SCORES_FILE = "judge_scores.npz"
+
+
+def save_judge_scores(out_dir: str, probs: np.ndarray, prompt_labels: np.ndarray, groups,
+                      judge_labels: Sequence[str], label_columns: Sequence[str]) -> str:
+    """The per-image inputs of the alignment test, so that two models' alignment can be
+    compared pairwise later (`paired_difference_of`)."""
+    path = os.path.join(out_dir, SCORES_FILE)
+    with files.atomic_path(path) as tmp:
+        np.savez(tmp, probs=np.asarray(probs, np.float32),
+                 prompt_labels=np.asarray(prompt_labels, np.float32),
+                 groups=np.asarray(groups, np.int64), judge_labels=np.asarray(judge_labels),
+                 label_columns=np.asarray(label_columns))
+    return path
+
+
+def paired_difference_of(eval_dir_a: str, eval_dir_b: str, conditions: Sequence[str],
+                         **kw) -> dict:
+    """`paired_difference` of two evaluation folders (``jaxmed.evaluate --out``) that scored
+    the same synthesis plan (same prompts, order and noise ids)."""
+    d = []
+    for folder in (eval_dir_a, eval_dir_b):
+        with np.load(os.path.join(folder, SCORES_FILE)) as z:
+            d.append({k: z[k] for k in z.files})
+    a, b = d
+    for k in ("prompt_labels", "groups"):
+        if not np.array_equal(a[k], b[k], equal_nan=k == "prompt_labels"):
+            raise ValueError(f"{eval_dir_a} and {eval_dir_b} scored different synthesis plans "
+                             f"({k} differ): a paired comparison needs the same prompts and "
+                             "noise")
+    idx, missing = _judge_columns(tuple(a["judge_labels"]), conditions)
+    scored = [c for c in conditions if c not in missing]
+    cols = [list(a["label_columns"]).index(c) for c in scored]
+    return paired_difference(a["probs"][:, idx], b["probs"][:, idx],
+                             a["prompt_labels"][:, cols], a["groups"], scored, **kw)

@@ -43,6 +43,7 @@ from PIL import Image
 from jaxmed.data.chexpert import load_image
 from jaxmed.data.combinations import format_label
 from jaxmed.diffusion.sampling import to_stored
+from jaxmed.eval import metrics as M
 from jaxmed.eval.classifier import prepare_images
 from jaxmed.evaluate import Evaluator, ImageSet, image_size_of, load_images
 from jaxmed.files import atomic_write, save_image
@@ -97,55 +98,67 @@ def vae_reconstructions(sd, vae_params, paths: Sequence[str], resolution: int, c
     return np.concatenate(out)
 
 
-def write_as_generated(images: np.ndarray, real: ImageSet, out_dir: str) -> str:
-    """Stored images of the real films of ``real`` written as a synthesis folder would be
-    (``images/*.png`` + ``metadata.csv`` with the films' labels), for `Evaluator.evaluate`."""
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["Path", *real.label_columns, "caption", "image_id", "seed", "noise_id"])
-    for i, (img, lab) in enumerate(zip(images, real.labels)):
-        rel = f"images/{i:06d}.png"
-        save_image(Image.fromarray(img), os.path.join(out_dir, rel))
-        w.writerow([rel, *map(format_label, lab), real.captions[i], i, 0, i])
-    return atomic_write(os.path.join(out_dir, "metadata.csv"), buf.getvalue())
+def write_as_generated(images: np.ndarray, real: ImageSet, out_dir: str, *,
+                       first: int = 0, metadata: bool = True) -> str:
+    """Stored images of the real films ``first..`` of ``real`` written as a synthesis folder
+    would be (``images/*.png``; with ``metadata`` the ``metadata.csv`` of all the films,
+    their labels as prompts), for `Evaluator.evaluate`. Returns the folder."""
+    for i, img in enumerate(images, first):
+        save_image(Image.fromarray(img), os.path.join(out_dir, f"images/{i:06d}.png"))
+    if metadata:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["Path", *real.label_columns, "caption", "image_id", "seed", "noise_id"])
+        for i, lab in enumerate(real.labels):
+            w.writerow([f"images/{i:06d}.png", *map(format_label, lab), real.captions[i], i, 0,
+                        i])
+        atomic_write(os.path.join(out_dir, "metadata.csv"), buf.getvalue())
+    return out_dir
 
 
 def check_judge(judge, real: ImageSet, conditions: Sequence[str], *, resolution: int,
                 color: str, sd=None, vae_params=None, min_macro_auroc: float = 0.85,
-                control_dir: str | None = None) -> dict:
+                control_dir: str | None = None, chunk: int = 256) -> dict:
     """The judge's macro AUROC on the real test films of ``real`` in the three `VIEWS`.
 
     Without ``sd`` / ``vae_params`` the reconstruction view is left out. With
     ``control_dir`` the most generated-like view (the reconstructions, else the films at
     the synthesis resolution) is also written there as a synthesis folder and scored by
     `Evaluator.evaluate`, the code generated sets go through: its alignment is the
-    real-film positive control (``"positive_control"``). Returns ``{view: {"macro_auroc",
-    "auroc", "n"}, "ok", "min_macro_auroc", ...}``; ``ok`` needs every view to reach
-    ``min_macro_auroc``.
+    real-film positive control (``"positive_control"``). Films are processed ``chunk`` at
+    a time. Returns ``{view: {"macro_auroc", "auroc", "n"}, "ok", "min_macro_auroc",
+    ...}``; ``ok`` needs every view to reach ``min_macro_auroc``.
     """
     paths = real.paths
-    idx = [real.label_columns.index(c) for c in conditions]
+    idx = [real.label_columns.index(c) for c in judge.label_names]
     y = np.nan_to_num(real.labels[:, idx], nan=0.0).astype(np.float32)
-    views = {"real": read_for_classifier(paths, judge.config.image_size),
-             "synthesis_resolution": films_as_stored(paths, resolution, color)}
-    if sd is not None and vae_params is not None:
-        views["vae_reconstruction"] = vae_reconstructions(sd, vae_params, paths, resolution,
-                                                          color)
+    recon = sd is not None and vae_params is not None
+    last = "vae_reconstruction" if recon else "synthesis_resolution"
+    probs: dict[str, list] = {}
+    for s in range(0, len(paths), chunk):
+        part = paths[s:s + chunk]
+        views = {"real": read_for_classifier(part, judge.config.image_size),
+                 "synthesis_resolution": films_as_stored(part, resolution, color)}
+        if recon:
+            views["vae_reconstruction"] = vae_reconstructions(sd, vae_params, part,
+                                                              resolution, color)
+        for name, x in views.items():
+            probs.setdefault(name, []).append(judge.predict_proba(x))
+        if control_dir is not None:
+            write_as_generated(views[last], real, control_dir, first=s,
+                               metadata=s + chunk >= len(paths))
     out = {}
-    for name, x in views.items():
-        s = judge.evaluate(x, y)
-        out[name] = {k: s[k] for k in ("macro_auroc", "auroc", "n") if k in s}
+    for name, p in probs.items():
+        m = M.summarize(y, np.concatenate(p), judge.label_names)
+        out[name] = {k: m[k] for k in ("macro_auroc", "auroc", "n")}
     out["ok"] = all(np.isfinite(v["macro_auroc"]) and v["macro_auroc"] >= min_macro_auroc
                     for v in out.values())
     out["min_macro_auroc"] = float(min_macro_auroc)
     out["resolution"], out["color"] = int(resolution), color
     if control_dir is not None:
-        last = list(views)[-1]
-        folder = os.path.dirname(write_as_generated(views[last], real, control_dir))
         ev = Evaluator(real, domain_classifier=judge, inception=False, vendi=False,
                        conditions=conditions, progress=False)
-        res = ev.evaluate(folder)
+        res = ev.evaluate(control_dir)
         a = res["alignment"]
         out["positive_control"] = {"view": last, "auroc": a["all"]["auroc"],
                                    "interval": a["paired"]["pooled"]["interval"],

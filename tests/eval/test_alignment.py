@@ -64,27 +64,45 @@ def test_effect_detected_and_shuffled_control_at_chance():
     # unpaired noise: every image its own group, no within-seed pairs
     r1 = A.paired_alignment(p, y, np.arange(len(p)), CONDS, n_boot=50, n_perm=10)
     assert r1["within_seed"] is None and r1["n_groups"] == len(p)
+    assert abs(r1["pooled"]["value"] - r["pooled"]["value"]) < 1e-12
+    slo, shi = r1["pooled"]["shuffled"]["interval"]  # shuffled across images instead
+    assert slo < 0.5 < shi and r1["pooled"]["shuffled"]["value"] < r1["pooled"]["value"]
 
 
 def test_interval_over_seeds_covers_chance_under_the_null():
-    """200 null data sets of 30 seeds: the within-seed interval holds 0.5 at about the
+    """150 null data sets of 30 seeds: the within-seed interval holds 0.5 at about the
     nominal 95% (percentile bootstrap, slightly narrow at small N), and the permutation
     test of the same statistic rejects at about its 5% level."""
     rng = np.random.default_rng(3)
     cover = reject = 0
-    reps = 200
+    reps = 150
     for r in range(reps):
         p, y, g = paired_set(rng, 30, effect=0.0)
         pa = A._PairedAlignment(p, y, g)
         wins, pairs = pa.group_counts()
         lo, hi = A.bootstrap_interval_over_groups(
-            lambda w, a=wins, b=pairs: A._PairedAlignment.within(a, b, w)[0], 30, n_boot=300,
+            lambda w, a=wins, b=pairs: A._PairedAlignment.within(a, b, w)[0], 30, n_boot=200,
             seed=r)
         cover += lo <= 0.5 <= hi
         value = A._PairedAlignment.within(wins, pairs)[0][0]
         null = [A._PairedAlignment.within(*pa.with_labels(
             A._shuffle_within_groups(y, pa.g_index, rng)).group_counts())[0][0]
-            for _ in range(40)]
+            for _ in range(30)]
         reject += A._null_summary(np.asarray(null), value, 0.95)["p_value"] <= 0.05
     assert 0.88 <= cover / reps <= 0.99, cover / reps
     assert reject / reps <= 0.10, reject / reps
+
+
+def test_paired_difference_between_two_models_on_the_same_noise():
+    rng = np.random.default_rng(4)
+    p0, y, g = paired_set(rng, 25, effect=0.0)
+    logit0 = np.log(p0 / (1 - p0))
+    p1 = 1 / (1 + np.exp(-(logit0 + 1.5 * y)))  # the same images, plus a prompt effect
+    d = A.paired_difference(p1, p0, y, g, CONDS, n_boot=300)
+    single = [A.paired_alignment(p, y, g, CONDS, n_boot=10, n_perm=2) for p in (p1, p0)]
+    for kind in ("pooled", "within_seed"):
+        want = single[0][kind]["value"] - single[1][kind]["value"]
+        assert abs(d[kind]["difference"] - want) < 1e-12
+        assert 0 < d[kind]["interval"][0] <= d[kind]["difference"] <= d[kind]["interval"][1]
+    same = A.paired_difference(p0, p0, y, g, CONDS, n_boot=50)
+    assert same["within_seed"]["interval"] == [0.0, 0.0]
