@@ -3,7 +3,7 @@ r"""Batch synthesis from a combination CSV, and the sampling command line.
     python -m jaxmed.sample --model DIR_OR_WORKDIR --combinations combos.csv --out synth/ \
         [--sampler pndm|ddim|dpmpp_2m|ddpm] [--steps 50] [--guidance 7.5] [--seed 42] \
         [--batch-size 8] [--micro-batch 1] [--resolution N] [--mesh-data -1 --mesh-fsdp 1] \
-        [--grayscale]
+        [--grayscale] [--paired-noise]
     python -m jaxmed.sample --model DIR --prompt "Chest X-ray showing Edema" --num 8 \
         --out grid.png
 

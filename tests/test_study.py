@@ -165,10 +165,15 @@ def test_ensure_dataset_reuses_and_regenerates(tmp_path):
 
 def test_phantom_labels_are_learnable(tmp_path):
     """The demo's judge (a classifier on 100% of the real phantom training films) reaches
-    the issue's macro AUROC >= 0.85 on the patient-disjoint test split. Phantom films at
-    64 px (the classifier's input size) keep the test to about a minute."""
+    the issue's macro AUROC >= 0.85 on the patient-disjoint test split, and so it does on
+    the images it will judge: the test films at the synthesis resolution stored grey, and
+    their reconstructions by the foundation model's VAE, through the route generated images
+    take (jaxmed.eval.judge). At the demo's 128 px: at 64 px the VAE's 8x8 latent grid
+    erases the pneumothorax's fine signs (reconstruction macro AUROC 0.81, pneumothorax
+    0.53, measured 2026-12-05), which is a property of the tiny VAE at that size, not of
+    the route."""
     c = load_config("configs/study.py:demo")
-    set_override(c, "data.resolution", "64")
+    assert c.data.resolution == 128 and c.classifier.image_size == 64
     set_override(c, "log.progress", "False")
     s = study.Study(c, str(tmp_path))
     s.prepare_data()
@@ -181,7 +186,7 @@ def test_phantom_labels_are_learnable(tmp_path):
     # films at the synthesis resolution stored grey, and their reconstructions by the
     # foundation model's VAE (jaxmed.eval.judge).
     v = js["views"]
-    assert v["color"] == "grey" and v["resolution"] == 64
+    assert v["color"] == "grey" and v["resolution"] == 128
     assert abs(v["real"]["macro_auroc"] - js["macro_auroc"]) < 1e-9  # one route
     for view in ("synthesis_resolution", "vae_reconstruction"):
         assert v[view]["n"] == js["n"]

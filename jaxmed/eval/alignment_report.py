@@ -24,6 +24,15 @@ def interval(v) -> str:
     return f"[{report.fmt(v[0])}, {report.fmt(v[1])}]"
 
 
+def lowest(auroc: dict) -> str:
+    """'condition value' of the lowest per-condition AUROC (None / NaN left out)."""
+    ok = [(k, v) for k, v in auroc.items() if v is not None and v == v]
+    if not ok:
+        return report.DASH
+    k, v = min(ok, key=lambda kv: kv[1])
+    return f"{k} {report.fmt(v)}"
+
+
 def judge_views_markdown(views: dict | None) -> list[str]:
     """Lines: the judge's macro AUROC per view and the real-film positive control."""
     if not views:
@@ -32,8 +41,8 @@ def judge_views_markdown(views: dict | None) -> list[str]:
          f"the synthesis resolution {views['resolution']} px, colour {views['color']}:", "",
          report.md_table(["images", "macro AUROC", "lowest condition"],
                          [[VIEW_TITLES.get(k, k), views[k]["macro_auroc"],
-                           min(views[k]["auroc"].items(), key=lambda kv: kv[1])[0]]
-                          for k in VIEW_TITLES if k in views]), ""]
+                           lowest(views[k]["auroc"])] for k in VIEW_TITLES if k in views]),
+         ""]
     need = views["min_macro_auroc"]
     L += [f"Every view {'reaches' if views['ok'] else 'does NOT reach'} {need}: "
           + ("alignment below is measurable." if views["ok"] else
