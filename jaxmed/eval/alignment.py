@@ -331,6 +331,11 @@ def paired_alignment(probs: np.ndarray, prompt_labels: np.ndarray, groups,
     * ``null``: ``n_perm`` such permutations: their mean, central ``level`` range, and the
       one-sided permutation p-value of ``value`` (H0: the prompt does not move the judge).
 
+    Which to read for a verdict: the permutation p-value keeps its level (simulated null,
+    six prompts per seed, 200 data sets: 6.5% rejections at 10 seeds, 3.5% at 30); the
+    percentile interval is a little narrow with few seeds (it held 0.5 in 89.5% of them at
+    10 seeds, 92.5% at 30; 2026-12-05), so it gives the effect's size, not the test.
+
     With every image in its own group (unpaired noise) ``within_seed`` is None, the
     pooled interval is over images and the prompts are shuffled across all images.
     """
