@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.synth.batch_size = 16
     c.synth.micro_batch = 0  # 0: the whole batch at once (fastest); 1: bitwise across devices
     c.synth.grid_per_condition = 4
+    # grey: films stored single-channel like the real ones, so FID / Vendi / alignment carry
+    # no colour penalty (docs/STUDY.md "Where jaxmed departs from the study"); rgb: as SD saves
+    c.synth.color = "grey"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.conditions = CONDITIONS

@@ -62,7 +62,12 @@ from jaxmed.data import read_chexpert_csv
 from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import ALL, CONDITIONS, LABELS
 from jaxmed.eval import inception as inception_lib
-from jaxmed.eval.alignment import ClipScorer, classifier_alignment
+from jaxmed.eval.alignment import (
+    ClipScorer,
+    classifier_alignment,
+    paired_alignment_row,
+    save_judge_scores,
+)
 from jaxmed.eval.classifier import (
     ClassifierConfig,
     TrainedClassifier,
@@ -93,6 +98,8 @@ class ImageSet:
     label_columns: tuple[str, ...]
     captions: list[str]
     source: str
+    # the id that seeded each generated image's noise (metadata.csv ``noise_id``), if known
+    noise_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -135,7 +142,11 @@ def read_image_set(path: str, root: str | None = None, *,
         captions = [str(df["caption"].iat[int(r)]) for r in rec.rows]
     if captions is None:
         captions = [caption_from_labels(lab, label_columns) for lab in rec.labels]
-    return ImageSet(list(rec.paths), rec.labels, label_columns, captions, csv_path)
+    noise_ids = None
+    if "noise_id" in header:
+        ids = pd.read_csv(csv_path, usecols=["noise_id"])["noise_id"].to_numpy()
+        noise_ids = ids[np.asarray(rec.rows, np.int64)]
+    return ImageSet(list(rec.paths), rec.labels, label_columns, captions, csv_path, noise_ids)
 
 
 def load_images(paths: Sequence[str], size: tuple[int, int] | None = None) -> np.ndarray:
@@ -306,16 +317,20 @@ class Evaluator:
                 row["clip_score"] = float(np.mean(gen_f["clip"][g]))
             rows[cond] = row
         alignment = None
+        # images that share their noise (paired synthesis), else each image on its own
+        alignment_groups = gen.noise_ids if gen.noise_ids is not None else np.arange(len(gen))
         if "judge" in gen_f:
             alignment = classifier_alignment(
                 self.judge, None, gen.labels, self.conditions,
-                label_columns=self.label_columns, probs=gen_f["judge"])
+                label_columns=self.label_columns, probs=gen_f["judge"],
+                groups=alignment_groups)
             for cond, a in alignment["per_condition"].items():
                 rows[cond].update(align_auroc=a["auroc"], align_accuracy=a["accuracy"],
                                   align_hit=a["hit"])
             rows[ALL].update(align_auroc=alignment["all"]["auroc"],
                              align_accuracy=alignment["all"]["accuracy"],
-                             align_hit=alignment["all"]["hit"])
+                             align_hit=alignment["all"]["hit"],
+                             **paired_alignment_row(alignment["paired"]))
             if alignment["missing"]:
                 notes.append(f"alignment: the judge has no output for {alignment['missing']}")
         for cond in self.conditions:
@@ -342,6 +357,9 @@ class Evaluator:
             write_metrics(result, out_dir)
             save_features(os.path.join(out_dir, "features.npz"), gen_f, gen.labels,
                           gen.label_columns)
+            if "judge" in gen_f:  # for paired model-vs-model comparisons later
+                save_judge_scores(out_dir, gen_f["judge"], gen.labels, alignment_groups,
+                                  self.judge.label_names, self.label_columns)
         return result
 
     def _uncertainty(self, row: dict, real_f: dict, gen_f: dict, r: np.ndarray,

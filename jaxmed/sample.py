@@ -3,7 +3,7 @@ r"""Batch synthesis from a combination CSV, and the sampling command line.
     python -m jaxmed.sample --model DIR_OR_WORKDIR --combinations combos.csv --out synth/ \
         [--sampler pndm|ddim|dpmpp_2m|ddpm] [--steps 50] [--guidance 7.5] [--seed 42] \
         [--batch-size 8] [--micro-batch 1] [--resolution N] [--mesh-data -1 --mesh-fsdp 1] \
-        [--grayscale]
+        [--grayscale] [--paired-noise]
     python -m jaxmed.sample --model DIR --prompt "Chest X-ray showing Edema" --num 8 \
         --out grid.png
 
@@ -23,11 +23,18 @@ is an error rather than a silent mix.
 
 Output images are RGB, as the authors' pipeline saves them (SD's VAE decodes 3 channels);
 ``grayscale=True`` (``--grayscale``) writes single-channel 'L' PNGs instead (PIL's ITU-R 601
-luma of the RGB output).
+luma of the RGB output, `jaxmed.diffusion.sampling.to_stored`); the study writes grey films,
+as radiographs are stored.
+
+Noise. By default image ``i`` starts from noise id ``i``. ``paired_noise=True``
+(``--paired-noise``) gives image ``j`` of every combination row noise id ``j`` instead, so
+the rows' images differ only by prompt: the study's paired alignment test
+(docs/STUDY.md "Where jaxmed departs from the study").
 
 ``metadata.csv`` columns: ``Path`` (relative to the output folder), the label columns in
-order (values as in the combination CSV: 1, 0, -1 or blank), then three extras: ``caption``
-(the prompt, by the study's rule), ``image_id`` and ``seed``.
+order (values as in the combination CSV: 1, 0, -1 or blank), then four extras: ``caption``
+(the prompt, by the study's rule), ``image_id``, ``seed`` and ``noise_id`` (the id that
+seeded the image's noise; images with the same noise id share their starting noise).
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from jaxmed.data.combinations import (
 )
 from jaxmed.data.labels import LABELS
 from jaxmed.diffusion.samplers import SAMPLERS
-from jaxmed.diffusion.sampling import check_size, empty_ids, generate, make_sample_fn, to_uint8
+from jaxmed.diffusion.sampling import check_size, empty_ids, generate, make_sample_fn, to_stored
 from jaxmed.files import atomic_write, save_image
 from jaxmed.images import grid
 from jaxmed.logging_utils import progress as progress_bar
@@ -69,7 +76,7 @@ from jaxmed.models.sd import StableDiffusion
 
 log = logging.getLogger("jaxmed.sample")
 
-METADATA_EXTRAS = ("caption", "image_id", "seed")
+METADATA_EXTRAS = ("caption", "image_id", "seed", "noise_id")
 IMAGE_DIR = "images"
 MANIFEST = "synthesis.json"
 
@@ -124,6 +131,7 @@ def synthesize(
     negative_prompt: str = "",
     eta: float = 0.0,
     model_id: str | None = None,
+    paired_noise: bool = False,
 ) -> dict:
     """Images for every combination row into ``out_dir`` (see the module docstring).
 
@@ -133,6 +141,7 @@ def synthesize(
     `make_sample_fn`); None = each device's whole shard at once (faster on accelerators,
     equal across device counts only to ~1e-6). ``batch_size`` is rounded up to a multiple
     of the batch shards x ``micro_batch``.
+    ``paired_noise``: image j of every row starts from the same noise (see the module doc).
     Returns a summary: total, generated, skipped, seconds, images_per_second, metadata path.
     """
     label_columns = tuple(label_columns)
@@ -157,9 +166,11 @@ def synthesize(
 
     # Global ids, row by row in CSV order.
     entries = []  # (image_id, combination index)
+    noise_ids = []  # the id that seeds each entry's noise
     for k, c in enumerate(combos):
         first = len(entries)
         entries.extend([(first + j, k) for j in range(c.count)])
+        noise_ids.extend([j if paired_noise else first + j for j in range(c.count)])
     total = len(entries)
     width = max(6, len(str(max(total - 1, 0))))
     rel = lambda i: f"{IMAGE_DIR}/{i:0{width}d}.png"  # noqa: E731
@@ -171,6 +182,7 @@ def synthesize(
         "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
         "seed": int(seed), "resolution": res, "grayscale": bool(grayscale),
         "eta": float(eta), "negative_prompt": negative_prompt,
+        "noise": "paired" if paired_noise else "per-image",
         "label_columns": list(label_columns),
         "combinations": [[format_label(v) for v in c.labels] + [c.count] for c in combos],
     }
@@ -197,15 +209,14 @@ def synthesize(
 
         def launch(chunk):
             chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # pad: one shape
-            ids = np.asarray([i for i, _ in chunk], np.int32)
+            ids = np.asarray([noise_ids[i] for i, _ in chunk], np.int32)
             cond = np.stack([tokens[captions[k]] for _, k in chunk])
             return fn(params, cond, uncond, ids if mesh is not None else jnp.asarray(ids))
 
         def save(chunk, images):
-            arr = to_uint8(images)
+            arr = to_stored(images, "grey" if grayscale else "rgb")
             for (i, _), img in zip(chunk, arr):
-                im = Image.fromarray(img)
-                save_image(im.convert("L") if grayscale else im, os.path.join(out_dir, rel(i)))
+                save_image(Image.fromarray(img), os.path.join(out_dir, rel(i)))
             bar.update(len(chunk))
 
         chunks = [pending[s:s + batch_size] for s in range(0, len(pending), batch_size)]
@@ -223,7 +234,7 @@ def synthesize(
     seconds = time.perf_counter() - t0
 
     meta = os.path.join(out_dir, "metadata.csv")
-    _write_metadata(meta, entries, combos, captions, label_columns, rel, seed)
+    _write_metadata(meta, entries, combos, captions, label_columns, rel, seed, noise_ids)
     return {"total": total, "generated": len(pending), "skipped": skipped,
             "seconds": round(seconds, 3),
             "images_per_second": round(len(pending) / seconds, 4) if pending else 0.0,
@@ -239,6 +250,7 @@ def _check_manifest(out_dir: str, manifest: dict) -> None:
             old = json.load(f)
     except (OSError, ValueError):
         return  # unreadable: rewritten below; PNG checks still guard the images
+    old.setdefault("noise", "per-image")  # written before paired noise existed
     diff = [k for k in manifest if k in old and old[k] != manifest[k]]
     if diff:
         shown = "; ".join(
@@ -249,12 +261,14 @@ def _check_manifest(out_dir: str, manifest: dict) -> None:
             "would mix them. Use another output folder, or delete it to start over.")
 
 
-def _write_metadata(path, entries, combos, captions, label_columns, rel, seed) -> None:
+def _write_metadata(path, entries, combos, captions, label_columns, rel, seed,
+                    noise_ids) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["Path", *label_columns, *METADATA_EXTRAS])
     for i, k in entries:
-        w.writerow([rel(i), *map(format_label, combos[k].labels), captions[k], i, seed])
+        w.writerow([rel(i), *map(format_label, combos[k].labels), captions[k], i, seed,
+                    noise_ids[i]])
     atomic_write(path, buf.getvalue())
 
 
@@ -288,6 +302,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--negative-prompt", default="")
     ap.add_argument("--grayscale", action="store_true",
                     help="write single-channel 'L' PNGs instead of RGB")
+    ap.add_argument("--paired-noise", action="store_true",
+                    help="image j of every combination row starts from the same noise")
     ap.add_argument("--label-columns", default=None,
                     help="comma-separated label columns (default: the study's eight)")
     ap.add_argument("--mesh-data", type=int, default=-1)
@@ -329,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 micro_batch=args.micro_batch or None, progress=not args.no_progress,
                 grayscale=args.grayscale,
                 label_columns=columns, negative_prompt=args.negative_prompt, eta=args.eta,
+                paired_noise=args.paired_noise,
                 model_id=os.path.abspath(args.model) if os.path.exists(args.model)
                 else args.model)
             print(f"[jaxmed.sample] {summary['total']} images in {args.out} "
@@ -347,8 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      negative_prompt=args.negative_prompt)
             for s in range(0, len(prompts), args.batch_size)])
         if args.grayscale:
-            images = np.asarray([np.asarray(Image.fromarray(im).convert("L"))[..., None]
-                                 for im in images])
+            images = to_stored(images.astype(np.float32) / 255.0, "grey")[..., None]
         out = args.out if args.out.lower().endswith(".png") else args.out + ".png"
         sheet = grid(images, prompts, cols=args.num if len(args.prompt) > 1 else None)
         save_image(sheet, out)

@@ -57,6 +57,7 @@ from jaxmed import files, images, strategies, train
 from jaxmed.cli import ConfigError, enable_compilation_cache, load_config, parse, set_override
 from jaxmed.data import phantom
 from jaxmed.data.labels import ALL, CONDITIONS
+from jaxmed.diffusion.sampling import check_color
 from jaxmed.eval import report
 from jaxmed.eval.classifier import (
     ClassifierConfig,
@@ -64,6 +65,7 @@ from jaxmed.eval.classifier import (
     run_regimes,
     train_classifier,
 )
+from jaxmed.eval.judge import check_judge, read_for_classifier
 from jaxmed.eval.tables import BASE
 from jaxmed.evaluate import Evaluator, ImageSet, load_images, read_image_set
 from jaxmed.models.sd import StableDiffusion
@@ -139,8 +141,8 @@ class Study:
         """(grey uint8 images at the classifier size, 0/1 labels of the conditions)."""
         if split not in self._arrays:
             s = self.image_set(split)
-            size = int(self.config.classifier.image_size)
-            x = load_images(s.paths, (size, size)).mean(-1).round().astype(np.uint8)
+            # the route generated images take to the judge (jaxmed.eval.judge)
+            x = read_for_classifier(s.paths, int(self.config.classifier.image_size))
             self._arrays[split] = (x, self._condition_labels(s))
         return self._arrays[split]
 
@@ -182,6 +184,12 @@ class Study:
         summary["seconds"] = round(time.perf_counter() - t, 1)
         summary["n_train"] = int(len(xtr))
         summary["min_macro_auroc"] = float(self.config.classifier.min_macro_auroc)
+        sd, params = self.base_model()  # docs/STUDY.md "Where jaxmed departs from the study"
+        summary["views"] = check_judge(
+            clf, self.image_set("test"), self.conditions, resolution=int(
+                self.config.data.resolution), color=check_color(self.config.synth.color),
+            sd=sd, vae_params=params["vae"], min_macro_auroc=summary["min_macro_auroc"],
+            control_dir=self.path("judge_control"))
         clf.save(folder)
         report.write_json(summary_path, summary)
         self.judge_summary = report.clean(summary)
@@ -332,7 +340,8 @@ class Study:
                          guidance=float(s.guidance), seed=int(s.seed),
                          resolution=int(self.config.data.resolution),
                          micro_batch=int(s.micro_batch) or None, progress=self.progress,
-                         model_id=name)
+                         model_id=name, grayscale=check_color(s.color) == "grey",
+                         paired_noise=True)
         times["synthesis"] = round(time.perf_counter() - t, 1)
         self.sample_grid(name)
 
@@ -367,8 +376,7 @@ class Study:
         if not modes:
             return []
         s = read_image_set(synth_dir)
-        size = int(self.config.classifier.image_size)
-        x = load_images(s.paths, (size, size)).mean(-1).round().astype(np.uint8)
+        x = read_for_classifier(s.paths, int(self.config.classifier.image_size))
         y = self._condition_labels(s)
         fr = tuple(r.strategy_fractions) or tuple(r.fractions)
         self.stage(f"{name}: downstream classifiers: {modes} (real fractions {list(fr)}) on "

@@ -239,7 +239,8 @@ def test_synthesize_counts_metadata_and_resume(model, tmp_path):
         reader = csv.reader(f)
         header = next(reader)
         meta = list(reader)
-    assert header == ["Path", *LABELS, "caption", "image_id", "seed"]
+    assert header == ["Path", *LABELS, "caption", "image_id", "seed", "noise_id"]
+    assert [m[-1] for m in meta] == [str(i) for i in range(6)]  # unpaired: noise id = id
     assert [m[0] for m in meta] == [f"images/{i:06d}.png" for i in range(6)]
     expect_rows = [0, 0, 1, 1, 1, 3]  # ids assigned row by row in CSV order
     for m, r in zip(meta, expect_rows):
@@ -295,6 +296,56 @@ def test_synthesize_counts_metadata_and_resume(model, tmp_path):
     assert sample.synthesize(sd, params, combos, out, **kw)["generated"] == 0
     with pytest.raises(ValueError, match="other settings.*steps"):
         sample.synthesize(sd, params, combos, out, **{**kw, "steps": 3})
+
+
+def test_paired_noise_and_grey_films(model, tmp_path):
+    """paired_noise: image j of every row starts from noise j, so two rows with the same
+    prompt give the same images and rows with other prompts differ only by prompt; grey
+    synthesis writes the luma of the RGB images (one channel) and is a switch."""
+    sd, params = model
+    rows = [[*_labels(Edema=1), 2], [*_labels(Cardiomegaly=1), 2], [*_labels(Edema=1), 2]]
+    combos = _write_combos(tmp_path / "combos.csv", rows)
+    kw = dict(batch_size=BATCH, sampler="pndm", steps=STEPS, guidance=GUIDANCE, seed=SEED,
+              progress=False, paired_noise=True)
+    rgb = str(tmp_path / "rgb")
+    sample.synthesize(sd, params, combos, rgb, **kw)
+    with open(os.path.join(rgb, "metadata.csv"), newline="") as f:
+        meta = list(csv.DictReader(f))
+    assert [m["noise_id"] for m in meta] == ["0", "1"] * 3
+    px = [_pixels(os.path.join(rgb, m["Path"])) for m in meta]
+    np.testing.assert_array_equal(px[0], px[4])  # same prompt, same noise: same image
+    np.testing.assert_array_equal(px[1], px[5])
+    assert not np.array_equal(px[0], px[2]) and not np.array_equal(px[0], px[1])
+    # The same images as the sampling function given noise ids 0, 1 for the Edema prompt.
+    direct = sampling.to_uint8(shared_fn(sd)(
+        params, np.asarray(sd.tokenize([meta[0]["caption"]] * 2)),
+        np.asarray(sd.tokenize(["", ""])), jnp.asarray([0, 1], jnp.int32)))
+    np.testing.assert_array_equal(direct[0], px[0])
+    np.testing.assert_array_equal(direct[1], px[1])
+    # Resuming a per-image-noise folder with paired noise is refused (it would mix them).
+    with pytest.raises(ValueError, match="other settings.*noise"):
+        sample.synthesize(sd, params, combos, rgb, **{**kw, "paired_noise": False})
+
+    grey = str(tmp_path / "grey")
+    sample.synthesize(sd, params, combos, grey, **kw, grayscale=True)
+    for m, rgb_px in zip(meta, px):
+        with Image.open(os.path.join(grey, m["Path"])) as im:
+            assert im.mode == "L"
+            g = np.asarray(im)
+        np.testing.assert_array_equal(g, sampling.to_stored(rgb_px / 255.0, "grey"))
+
+
+def test_to_stored_grey_is_pil_luma_and_keeps_grey_images():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (3, 9, 7, 3), dtype=np.uint8)
+    x = rgb.astype(np.float32) / 255.0
+    np.testing.assert_array_equal(sampling.to_stored(x, "rgb"), rgb)
+    pil = np.stack([np.asarray(Image.fromarray(a).convert("L")) for a in rgb])
+    np.testing.assert_array_equal(sampling.to_stored(x, "grey"), pil)  # bit for bit
+    g = rng.integers(0, 256, (2, 5, 5, 1), dtype=np.uint8).repeat(3, axis=-1)
+    np.testing.assert_array_equal(sampling.to_stored(g / 255.0, "grey"), g[..., 0])
+    with pytest.raises(ValueError, match="choose 'grey'"):
+        sampling.to_stored(x, "gray")
 
 
 def test_cli_synthesis_and_grid(model, tiny_sd_folder, tmp_path, capsys):

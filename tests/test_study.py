@@ -9,10 +9,13 @@ import os
 import time
 
 import pytest
+from PIL import Image
 
 from jaxmed import study
 from jaxmed.cli import ConfigError, load_config, set_override
 from jaxmed.data import phantom
+from jaxmed.data.labels import CONDITIONS
+from jaxmed.eval import alignment
 
 
 def _with_bounds(*names):
@@ -96,6 +99,22 @@ def test_ci_study_end_to_end(ci_run):
     assert done["trains"] == ["unet"] and done["steps"] == 3
     assert done["metrics"]["rows"]["all"]["n_generated"] == 18
 
+    # Paired, grey synthesis; alignment with intervals and controls; the judge's views.
+    with open(os.path.join(wd, "lora", "synth", "metadata.csv")) as f:
+        meta = list(csv.DictReader(f))
+    assert [m["noise_id"] for m in meta] == ["0", "1", "2"] * 6  # 3 seeds x 6 prompts
+    assert Image.open(os.path.join(wd, "lora", "synth", meta[0]["Path"])).mode == "L"
+    row = done["metrics"]["rows"]["all"]
+    assert row["align_groups"] == 3 and len(row["align_paired_auroc_ci"]) == 2
+    assert 0 <= row["align_paired_p_value"] <= 1
+    assert "### Alignment as a paired test" in md and "Positive control" in md
+    views = json.load(open(os.path.join(wd, "judge", "test.json")))["views"]
+    assert set(views) >= {"real", "synthesis_resolution", "vae_reconstruction", "ok"}
+    d = alignment.paired_difference_of(os.path.join(wd, "lora", "eval"),
+                                       os.path.join(wd, "base", "eval"), CONDITIONS,
+                                       n_boot=20)
+    assert d["n_groups"] == 3 and len(d["within_seed"]["interval"]) == 2
+
 
 def test_rerun_skips_finished_and_resumes_unfinished(ci_run, tiny_sd_folder, capsys):
     wd, _, first_seconds = ci_run
@@ -168,10 +187,15 @@ def test_ensure_dataset_reuses_and_regenerates(tmp_path):
 
 def test_phantom_labels_are_learnable(tmp_path):
     """The demo's judge (a classifier on 100% of the real phantom training films) reaches
-    the issue's macro AUROC >= 0.85 on the patient-disjoint test split. Phantom films at
-    64 px (the classifier's input size) keep the test to about a minute."""
+    the issue's macro AUROC >= 0.85 on the patient-disjoint test split, and so it does on
+    the images it will judge: the test films at the synthesis resolution stored grey, and
+    their reconstructions by the foundation model's VAE, through the route generated images
+    take (jaxmed.eval.judge). At the demo's 128 px: at 64 px the VAE's 8x8 latent grid
+    erases the pneumothorax's fine signs (reconstruction macro AUROC 0.81, pneumothorax
+    0.53, measured 2026-12-05), which is a property of the tiny VAE at that size, not of
+    the route."""
     c = load_config("configs/study.py:demo")
-    set_override(c, "data.resolution", "64")
+    assert c.data.resolution == 128 and c.classifier.image_size == 64
     set_override(c, "log.progress", "False")
     s = study.Study(c, str(tmp_path))
     s.prepare_data()
@@ -180,3 +204,18 @@ def test_phantom_labels_are_learnable(tmp_path):
     assert js["n_train"] >= 800 and js["n"] >= 150
     assert js["macro_auroc"] >= c.classifier.min_macro_auroc == 0.85, js["auroc"]
     assert min(js["auroc"].values()) > 0.65, js["auroc"]  # every condition, not the mean
+    # The judge on the images it will judge, through the generated images' route: the
+    # films at the synthesis resolution stored grey, and their reconstructions by the
+    # foundation model's VAE (jaxmed.eval.judge).
+    v = js["views"]
+    assert v["color"] == "grey" and v["resolution"] == 128
+    assert abs(v["real"]["macro_auroc"] - js["macro_auroc"]) < 1e-9  # one route
+    for view in ("synthesis_resolution", "vae_reconstruction"):
+        assert v[view]["n"] == js["n"]
+        assert v[view]["macro_auroc"] >= 0.85, (view, v[view]["auroc"])
+    assert v["ok"]
+    # positive control: the reconstructions scored as a generated set by Evaluator
+    pc = v["positive_control"]
+    assert pc["view"] == "vae_reconstruction" and pc["n"] == js["n"]
+    assert pc["interval"][0] > 0.75 and pc["shuffled_interval"][0] < 0.5 < \
+        pc["shuffled_interval"][1], pc

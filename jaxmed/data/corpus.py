@@ -364,6 +364,29 @@ def render(source: Source, pictures: list[np.ndarray], resolution: int,
     return np.ascontiguousarray(x), caption
 
 
+PHOTO_KINDS = ("a photo of", "a close-up photo of", "a black and white photo of",
+               "a black and white close-up of", "a sepia photo of", "a sepia close-up of")
+
+
+def possible_captions(sources: Sequence[Source] = SOURCES) -> set[str]:
+    """Every caption `render` can write for ``sources``: the text tower's whole pretraining
+    vocabulary (docs/STUDY.md "Where jaxmed departs from the study" asks which prompt words
+    it never saw)."""
+    out: set[str] = set()
+    for src in sources:
+        for subj in src.subjects:
+            if src.style == "photo":
+                out.update(f"{k} {subj}" for k in PHOTO_KINDS)
+            elif src.style == "pattern":
+                out.update(subj.format(c=a, c2=b) for a in src.colors for b in src.colors
+                           if a != b)
+            elif src.style in ("texture", "silhouette"):
+                out.update(subj.format(c=c) for c in src.colors)
+            else:
+                out.add(subj)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # The corpus
 

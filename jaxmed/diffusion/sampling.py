@@ -253,3 +253,29 @@ def generate(
 
 def to_uint8(images) -> np.ndarray:
     return np.asarray(np.round(np.asarray(images, np.float32) * 255.0), np.uint8)
+
+
+# How synthesis stores an image: "grey" (single channel, as radiographs are stored) or
+# "rgb" (the 3 channels SD's VAE decodes). docs/STUDY.md "Where jaxmed departs from the study".
+COLORS = ("grey", "rgb")
+
+
+def check_color(color: str) -> str:
+    if color not in COLORS:
+        raise ValueError(f"synthesis colour {color!r}: choose 'grey' (single channel, as "
+                         "radiographs are stored) or 'rgb'")
+    return color
+
+
+def to_stored(images, color: str = "rgb") -> np.ndarray:
+    """Decoded images in [0, 1] (N, H, W, 3) -> the uint8 pixels synthesis writes.
+
+    ``"rgb"``: (N, H, W, 3). ``"grey"``: (N, H, W) ITU-R 601 luma in PIL's fixed-point
+    arithmetic (``Image.convert("L")``, bit for bit), so a grey input (R = G = B) is
+    returned unchanged and the PNG is what PIL would have written.
+    """
+    x = to_uint8(images)
+    if check_color(color) == "rgb":
+        return x
+    r, g, b = (x[..., k].astype(np.uint32) for k in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxmed.data.labels import ALL
 from jaxmed.eval import report
+from jaxmed.eval.alignment_report import judge_views_markdown, paired_alignment_markdown
 from jaxmed.eval.uncertainty import fmt_interval
 
 # The un-tuned base model's name among the study's models.
@@ -199,6 +200,7 @@ def results_markdown(study, results: dict, names: Sequence[str], headers: Sequen
               report.md_table(["condition", "AUROC (real test)", "positives"],
                               [[k, js["auroc"].get(k), js["positives"].get(k)]
                                for k in js["auroc"]]), ""]
+        L += judge_views_markdown(js.get("views"))
     L += ["## Results per model (all conditions)", "",
           f"FID and Vendi compare {report.fmt(results[names[0]]['metrics']['n_real'])} real "
           "test images with each model's generated set (the same prompts and seeds for every "
@@ -230,6 +232,7 @@ def results_markdown(study, results: dict, names: Sequence[str], headers: Sequen
             rows.append([FLOOR] + [_cell(floor["rows"][cc], key) for cc in conds + [ALL]])
         L += [f"### {title} per condition", "", report.md_table(["model"] + conds + [ALL], rows),
               ""]
+    L += paired_alignment_markdown(results, names)
     first = results[names[0]]["metrics"]
     L += ["Sample counts per condition (generated / real): " + ", ".join(
         f"{cc} {first['rows'][cc]['n_generated']}/{first['rows'][cc]['n_real']}"
