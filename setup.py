@@ -46,6 +46,10 @@ setup(
             "scikit-learn>=1.3",
             "scikit-image>=0.22",
             "ruff>=0.4",
+            # tests/test_notebook.py executes colab/jaxmed_demo.ipynb in an IPython kernel
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
         "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.15"],
         # `python -m jaxmed.plan` for TPU topologies: libtpu compiles for a slice without a

@@ -162,13 +162,18 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache for the command-line tools: a rerun (a resumed
-    study, a second strategy of the same shape) loads compiled steps instead of compiling.
-    ``$JAXMED_COMPILATION_CACHE``, else ``$JAXMED_CACHE/xla`` (default ``~/.cache/jaxmed``).
-    Also keeps freed host memory in the process (`jaxmed.hostmem`), which must happen
-    before jax starts its backend: every command-line tool calls this first."""
+    """What every command-line tool calls first: keeps freed host memory in the process
+    (`jaxmed.hostmem`), which must happen before jax starts its backend, then
+    `use_compilation_cache`. A notebook kernel calls `jaxmed.api.setup` instead: malloc
+    settings made for one command's process do not belong in a long-lived kernel."""
     keep_freed_memory()
+    use_compilation_cache()
 
+
+def use_compilation_cache() -> str:
+    """JAX's persistent compilation cache: a rerun (a resumed study, a second strategy of
+    the same shape) loads compiled steps instead of compiling. ``$JAXMED_COMPILATION_CACHE``,
+    else ``$JAXMED_CACHE/xla`` (default ``~/.cache/jaxmed``); returns the folder."""
     d = os.environ.get("JAXMED_COMPILATION_CACHE") or os.path.join(
         os.environ.get("JAXMED_CACHE", os.path.expanduser("~/.cache/jaxmed")), "xla")
     try:
@@ -176,3 +181,4 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     except Exception as e:  # noqa: BLE001 - a cache is an optimisation only
         logging.getLogger("jaxmed").warning("no persistent compilation cache: %s", e)
+    return d

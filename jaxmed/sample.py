@@ -272,6 +272,32 @@ def _write_metadata(path, entries, combos, captions, label_columns, rel, seed,
     atomic_write(path, buf.getvalue())
 
 
+def prompt_grid(sd: StableDiffusion, params: dict, prompts: Sequence[str], out: str, *,
+                num: int = 4, batch_size: int = 8, sampler: str = "pndm", steps: int = 50,
+                guidance: float = 7.5, seed: int = 42, eta: float = 0.0,
+                resolution: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                micro_batch: int | None = 1, negative_prompt: str = "",
+                grayscale: bool = False) -> str:
+    """``num`` images of each prompt as one contact sheet (a row per prompt) at ``out``
+    (``.png`` added if missing); returns its path. Image ids run over the repeated prompts
+    in order, so a prompt's images do not depend on the batch size."""
+    prompts = [p for p in prompts for _ in range(num)]
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    params = jax.device_put(params, sharding.replicated(mesh))
+    fn = make_sample_fn(sd, sampler=sampler, num_steps=steps, guidance_scale=guidance,
+                        height=resolution, seed=seed, eta=eta, mesh=mesh,
+                        micro_batch=micro_batch)
+    images = np.concatenate([
+        generate(sd, params, prompts[s:s + batch_size], first_id=s, fn=fn,
+                 negative_prompt=negative_prompt)
+        for s in range(0, len(prompts), batch_size)])
+    if grayscale:
+        images = to_stored(images.astype(np.float32) / 255.0, "grey")[..., None]
+    out = out if out.lower().endswith(".png") else out + ".png"
+    save_image(grid(images, prompts, cols=num if len(prompts) > num else None), out)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Command line
 
@@ -353,22 +379,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{summary['images_per_second']} img/s); metadata {summary['metadata']}",
                   flush=True)
             return 0
-        prompts = [p for p in args.prompt for _ in range(args.num)]
-        params = jax.device_put(params, sharding.replicated(mesh))
-        fn = make_sample_fn(sd, sampler=args.sampler, num_steps=args.steps,
-                            guidance_scale=args.guidance, height=args.resolution,
-                            seed=args.seed, eta=args.eta, mesh=mesh,
-                            micro_batch=args.micro_batch or None)
-        images = np.concatenate([
-            generate(sd, params, prompts[s:s + args.batch_size], first_id=s, fn=fn,
-                     negative_prompt=args.negative_prompt)
-            for s in range(0, len(prompts), args.batch_size)])
-        if args.grayscale:
-            images = to_stored(images.astype(np.float32) / 255.0, "grey")[..., None]
-        out = args.out if args.out.lower().endswith(".png") else args.out + ".png"
-        sheet = grid(images, prompts, cols=args.num if len(args.prompt) > 1 else None)
-        save_image(sheet, out)
-        print(f"[jaxmed.sample] {len(prompts)} images -> {out}", flush=True)
+        out = prompt_grid(
+            sd, params, args.prompt, args.out, num=args.num, batch_size=args.batch_size,
+            sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+            eta=args.eta, resolution=args.resolution, mesh=mesh,
+            micro_batch=args.micro_batch or None, negative_prompt=args.negative_prompt,
+            grayscale=args.grayscale)
+        print(f"[jaxmed.sample] {len(args.prompt) * args.num} images -> {out}", flush=True)
         return 0
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
