@@ -20,19 +20,23 @@ from jaxmed.cli import ConfigError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "colab", "jaxmed_demo.ipynb")
 
-# The notebook's settings for the run here: the ci preset with one strategy and no base,
-# section 6 fine-tuning with the study's own lora settings (so both runs share compiled
-# programs), 3 sampling steps.
+# The notebook's settings for the run here: the ci preset with one strategy and no base on
+# the model tests/test_study.py uses, compiled at conftest's matmul precision (so the kernel
+# shares the suite's compiled programs through the persistent cache), section 6
+# fine-tuning with the study's own lora settings, 3 sampling steps.
 TEST_SETTINGS = """
 import os
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
 PRESET = "ci"
-OVERRIDES = {{"strategies": ("lora",), "include_base": False, "log.progress": False}}
+OVERRIDES = {{"model.path": {model!r}, "strategies": ("lora",), "include_base": False,
+             "log.progress": False}}
 WORKDIR = {wd!r}
 SAMPLE_STEPS = 3
 FINETUNE = True
 _study = os.path.join(WORKDIR, "study-ci")
 FINETUNE_OVERRIDES = {{
-    "model.path": "random:test@32", "data.resolution": 32, "data.phantom_patients": 40,
+    "model.path": {model!r}, "data.resolution": 32, "data.phantom_patients": 40,
     "data.phantom_dir": os.path.join(_study, "data"), "cache.dir": os.path.join(_study, "cache"),
     "optim.grad_accum": 1, "train.per_device_batch": 2, "train.max_steps": 3,
     "checkpoint.every_steps": 3, "log.sample_every_steps": -1, "log.progress": False,
@@ -84,7 +88,7 @@ def test_cells_run_jaxmed_in_the_kernel_and_install_only_in_colab():
     assert len(tagged) == 1
 
 
-def test_notebook_executes_on_cpu(tmp_path, monkeypatch):
+def test_notebook_executes_on_cpu(tiny_sd_folder, tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient", reason="the test extra: pip install -e '.[test]'")
     nbformat = pytest.importorskip("nbformat", reason="the test extra")
     pytest.importorskip("ipykernel", reason="the test extra")
@@ -92,7 +96,8 @@ def test_notebook_executes_on_cpu(tmp_path, monkeypatch):
     wd = str(tmp_path / "runs")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(TEST_SETTINGS.format(wd=wd)))
+    settings = TEST_SETTINGS.format(wd=wd, model=tiny_sd_folder)
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(settings))
     nb.cells.append(nbformat.v4.new_code_cell(
         "import jax, jaxmed.hostmem\n"
         "print('PROBE', jax.devices()[0].platform, jaxmed.hostmem._applied)"))
