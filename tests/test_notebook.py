@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import base64
 import csv
+import glob
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from PIL import Image
 
 from jaxmed import api
 from jaxmed.cli import ConfigError
+from jaxmed.eval.tables import FLOOR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "colab", "jaxmed_demo.ipynb")
@@ -113,23 +115,24 @@ def test_notebook_executes_on_cpu(tiny_sd_folder, tmp_path, monkeypatch):
     study = os.path.join(wd, "study-ci")
     with open(os.path.join(study, "results.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert [r["name"] for r in rows] == ["lora"]
+    assert [r["name"] for r in rows] == ["lora", FLOOR]
     assert rows[0]["n_generated"] == "18" and int(rows[0]["trainable_params"]) > 0
     assert float(rows[0]["fid_domain"]) >= 0 and 0 <= float(rows[0]["align_auroc"]) <= 1
     md = open(os.path.join(study, "results.md")).read()
     assert "## The study's three findings" in md
 
-    # what the results cell showed inline: the table, results.md and the three plots
+    # what the results cell showed inline: the table, results.md, the plots and samples_all
     shown = [o for o in outputs if o.output_type == "display_data"]
     html = [o.data["text/html"] for o in shown if "text/html" in o.data]
     assert any("lora" in h and "fid_domain" in h for h in html)
     assert any("three findings" in o.data.get("text/markdown", "") for o in shown)
     pngs = [base64.b64decode(o.data["image/png"]) for o in shown if "image/png" in o.data]
-    plots = [os.path.join(study, f"{p}.png")
-             for p in ("fid_vs_params", "auroc_vs_fraction", "samples_all")]
+    plots = sorted(glob.glob(os.path.join(study, "*.png")))
+    assert {"fid_vs_params.png", "auroc_vs_fraction.png", "samples_all.png"} <= {
+        os.path.basename(p) for p in plots}
     grids = [os.path.join(study, "lora", "my_prompts.png"),
              os.path.join(wd, "finetune-lora", "my_prompts.png")]
-    for path in plots + grids:  # each file displayed as written, in this order
+    for path in plots + grids:  # each file displayed, byte for byte
         with open(path, "rb") as f:
             assert f.read() in pngs, path
     assert len(pngs) == len(plots) + len(grids)
