@@ -251,13 +251,15 @@ def write_results(study, results: dict[str, dict], real_rows: list[dict], judge=
     plots["fid_vs_params"] = report.plot_fid_vs_params(
         pts, study.path("fid_vs_params.png"), ylabel=f"{fid_name} (all conditions)",
         base=base_fid)
+    real_iv = tables.regime_intervals(real_rows)
     curves, syn_only = {}, {}
     for m in names:
-        tab = tables.regime_table(results[m].get("regimes", []))
-        curves[m] = [(f, tab.get(("real+synthetic", f))) for f in strat_fracs]
-        syn_only[m] = tab.get(("synthetic", None))
+        tab = tables.regime_intervals(results[m].get("regimes", []))
+        curves[m] = [(f, *(tables.band(tab, ("real+synthetic", f)) or (None,) * 3))
+                     for f in strat_fracs]
+        syn_only[m] = tables.band(tab, ("synthetic", None))
     plots["auroc_vs_fraction"] = report.plot_auroc_vs_fraction(
-        [(f, real_tab.get(("real", f))) for f in fractions], curves,
+        [(f, *(tables.band(real_iv, ("real", f)) or (None,) * 3)) for f in fractions], curves,
         study.path("auroc_vs_fraction.png"), synthetic_only=syn_only)
     plots["samples_all"] = samples_all(study, names)
 

@@ -17,7 +17,7 @@ import numpy as np
 from jaxmed.data.labels import ALL
 from jaxmed.eval import report
 from jaxmed.eval.alignment_report import judge_views_markdown, paired_alignment_markdown
-from jaxmed.eval.uncertainty import fmt_interval
+from jaxmed.eval.uncertainty import Interval, fmt_interval, mean_interval
 
 # The un-tuned base model's name among the study's models.
 BASE = "base"
@@ -79,6 +79,23 @@ def regime_table(rows: Sequence[dict]) -> dict[tuple[str, float | None], float |
         key = (r["mode"], None if r.get("fraction") is None else float(r["fraction"]))
         acc.setdefault(key, []).append(r.get("macro_auroc"))
     return {k: _mean(v) for k, v in acc.items()}
+
+
+def regime_intervals(rows: Sequence[dict]) -> dict[tuple[str, float | None], Interval]:
+    """{(mode, fraction): mean macro AUROC over the runs (seeds x repeats) with its 95% t
+    interval}; NaN bounds from a single run."""
+    acc: dict[tuple, list] = {}
+    for r in rows:
+        key = (r["mode"], None if r.get("fraction") is None else float(r["fraction"]))
+        v = r.get("macro_auroc")
+        acc.setdefault(key, []).append(math.nan if v is None else float(v))
+    return {k: mean_interval(v) for k, v in acc.items()}
+
+
+def band(tab: dict, key) -> tuple | None:
+    """(value, lo, hi) of a `regime_intervals` entry, None when absent."""
+    iv = tab.get(key)
+    return None if iv is None else (iv.value, iv.lo, iv.hi)
 
 
 def regime_col(mode: str, f) -> str:

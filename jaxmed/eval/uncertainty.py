@@ -24,12 +24,18 @@ generated and real images, so each carries a 95% interval here.
   ``X_r X_g^T / sqrt((N_r - 1)(N_g - 1))``; KID's replicate is the unbiased U-statistic
   on all images of the half-samples; Vendi's is the spectrum of the cosine kernel.
   `bootstrap` is the ordinary percentile bootstrap, for statistics such as an AUROC that
-  do not depend on the number of distinct images.
+  do not depend on the number of distinct images; `bootstrap_groups` the same over whole
+  groups (clustered data: the six images of one noise seed), as weights, so several
+  models' statistics share one set of resamples. Both draw through `resample_indices`.
+* Paired permutation test (`sign_flip_p_value`): for a paired difference that is a sum of
+  per-group terms, each term's sign flipped at random under H0 (exact when 2^G is small);
+  finding 2 reads it beside the group bootstrap, whose percentile interval is too narrow
+  with ten seeds (`jaxmed.eval.findings.paired_verdict`).
 * Paired comparisons: one set of replicate indices shared by every model (all models are
   sampled from the same prompts and initial noise, so generated image i of two models is a
   pair) gives intervals for differences of FIDs, and so for rankings of strategy families.
-* Downstream classifiers: the mean paired difference over seeds x repeats, with a
-  t interval.
+* Downstream classifiers: the mean (`mean_interval`) and the mean paired difference over
+  seeds x repeats, with a t interval.
 
 A verdict (`jaxmed.eval.findings`) reads an interval: it excludes zero in the claimed
 direction, in the opposite one, or neither.

@@ -125,3 +125,33 @@ def test_unpaired_noise_falls_back_to_the_pooled_interval():
     assert "interval only" in F.three_findings(
         fid_name="FID", ranking=None, alignment=res, alignment_why="", downstream=None,
         scarcest_label="1%", chosen="", chosen_how="")[1]["evidence"]
+
+
+def test_downstream_bands_over_seeds_and_repeats(tmp_path):
+    """Finding 3's plot: each (mode, fraction) gets the mean over its runs with a t
+    interval, and the plot draws it as a band (pixels differ from the plot without)."""
+    from scipy import stats
+
+    from jaxmed.eval import report, tables
+
+    rng = np.random.default_rng(9)
+    rows = [{"mode": "real", "fraction": f, "repeat": r, "seed": s,
+             "macro_auroc": 0.6 + 0.2 * f + 0.02 * rng.normal()}
+            for f in (0.01, 0.1, 1.0) for r in range(3) for s in range(2)]
+    rows.append({"mode": "synthetic", "fraction": None, "macro_auroc": 0.55})
+    tab = tables.regime_intervals(rows)
+    vals = [r["macro_auroc"] for r in rows if r["fraction"] == 0.1]
+    half = stats.t.ppf(0.975, 5) * np.std(vals, ddof=1) / math.sqrt(6)
+    iv = tab[("real", 0.1)]
+    assert abs(iv.value - np.mean(vals)) < 1e-12 and abs(iv.hi - iv.value - half) < 1e-12
+    assert math.isnan(tab[("synthetic", None)].lo)  # one run: no interval
+    pts = [(f, *tables.band(tab, ("real", f))) for f in (0.01, 0.1, 1.0)]
+    with_band = report.plot_auroc_vs_fraction(pts, {"lora": pts[:1]}, str(tmp_path / "a.png"),
+                                              synthetic_only={"lora": (0.55, 0.5, 0.6)})
+    bare = report.plot_auroc_vs_fraction([p[:2] for p in pts], {"lora": [pts[0][:2]]},
+                                         str(tmp_path / "b.png"),
+                                         synthetic_only={"lora": 0.55})
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(p).convert("L"), np.float64) for p in (with_band, bare))
+    assert a.shape == b.shape and np.abs(a - b).mean() > 0.1
