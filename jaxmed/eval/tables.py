@@ -194,7 +194,10 @@ def results_markdown(study, results: dict, names: Sequence[str], headers: Sequen
           "formed. FID / KID / Vendi intervals come from half-samples of the real and the "
           "generated images (paired across models: every model is sampled from the same "
           "prompts and noise); downstream differences from the paired (seed, repeat) runs "
-          "(`jaxmed.eval.uncertainty`).", ""]
+          "(`jaxmed.eval.uncertainty`). Finding 2 also needs the paired sign-flip "
+          "permutation test over noise seeds to agree (one-sided p <= 0.025): with few seeds "
+          "the bootstrap interval alone is too narrow (`jaxmed.eval.findings.paired_verdict`)"
+          ".", ""]
     L += _budget_notes(c, findings)
     if chosen:
         vf = chosen.get("validation_fid") or {}
@@ -311,6 +314,10 @@ def _budget_notes(c, findings: list[dict]) -> list[str]:
                      "interval and can only be INCONCLUSIVE (`regimes.repeats` >= 3 for a "
                      "verdict)")
     n = int(c.synth.per_condition)
+    if n < 6:
+        notes.append(f"{n} noise seeds: finding 2's sign-flip permutation test cannot reach "
+                     f"p <= 0.025 (its smallest p-value is 2^-{n}), so finding 2 is at best "
+                     "INCONCLUSIVE")
     if n < 30:
         notes.append(f"{n} generated images per condition: per-condition intervals are wide "
                      "and FID is far above its large-N value (compare only at equal N, and "
