@@ -323,7 +323,7 @@ def three_findings(*, fid_name: str, ranking: dict | None, alignment: dict | Non
                    chosen: str, chosen_how: str, downstream_why: str = "",
                    chance_p: Mapping[str, float] | None = None) -> list[dict]:
     """The three findings, each {claim, verdict, effect (Interval dict or None), evidence}:
-    ``ranking`` from `family_ranking`, ``alignment`` from `alignment_gain`, ``downstream``
+    ``ranking`` from `family_ranking`, ``alignment`` from `alignment_gain_paired`, ``downstream``
     from `downstream_gain` (None: not testable, with the reason); ``chance_p``: each
     model's alignment-against-chance permutation p-value, reported with finding 2."""
     f1 = _finding1(ranking or {"verdict": NOT_TESTED, "why": "no features"}, fid_name)
