@@ -203,7 +203,8 @@ def finding_plots(study, ranking: dict | None, align: dict | None, fid_name: str
                         align["effect"].hi, ""))
         out["finding2"] = report.plot_intervals(
             rows, study.path("finding2_alignment.png"),
-            xlabel="alignment macro AUROC minus the base's, 95% interval", ref=0.0,
+            xlabel=f"{align.get('statistic', 'pooled')} alignment macro AUROC minus the "
+                   "base's, 95% interval", ref=0.0,
             title="Finding 2: alignment gain over the un-tuned base")
     return out
 
