@@ -49,13 +49,14 @@ Presets:
   1.1 at 300, and a model's FID interval from 8.3 to 4.2 (`jaxmed.eval.uncertainty`'s
   half-samples; 2026-12-05). Downstream: 5 repeats (seeds x repeats: 5 pairs, a t
   interval with 4 degrees of freedom, half the width of 3 repeats' at the same spread).
-  Estimated wall time on a quiet 2-core CPU (an estimate from per-phase CPU seconds of
-  the demo measured under load on 2026-12-05, not a measurement): fixed costs (data,
-  judge, 20 real-only classifiers, test features, the 300-film floor) ~6 min; training
-  ~25 min (2,000 steps x ~0.1 s at batch 4, ~0.15 s at batch 8, from the bench's 24-38 ms
-  UNet steps x 2.5 for the data path and optimizer, plus compiles); per model ~3.5 min
-  (synthesis ~0.3 s and evaluation ~0.2 s per image, 10 downstream classifiers ~8 s each)
-  x 7 = ~25 min: about 55 min, 45-80 min allowing for the per-step guess.
+  Estimated wall time on a quiet 2-core CPU (an estimate, not a measurement: process CPU
+  seconds per phase of a 2-model demo profiled under load on 2026-12-05 by h19c, taken
+  as wall seconds): fixed costs (data 12 s, judge 54 s, 20 real-only classifiers at ~9 s,
+  test features and the 300-film floor) ~6 min; training ~25 min (2,000 steps x ~0.1 s at
+  batch 4, ~0.15 s at batch 8: the bench's 24-38 ms UNet steps x 2.5 for the data path
+  and optimizer, not yet measured at this length, plus compiles); per model ~4.5 min
+  (synthesis ~0.36 s and evaluation ~0.24 s per image, 10 downstream classifiers at ~9 s)
+  x 7 = ~31 min: about 60 min, 50-85 min allowing for the per-step guess.
 * ``ci`` -- two strategies (lora, bitfit) + base on a random test-size model at 32 px with
   a handful of steps: checks the whole pipeline end to end in about 2-3 minutes on a CPU.
 
@@ -176,7 +177,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     elif arg == "findings":
         c.description = ("the demo's model and data sized to decide the three findings: 6 "
                          "strategies + base, 2,000 steps each, 50 images per condition, 5 "
-                         "downstream repeats (~55 min estimated on 2 CPU cores)")
+                         "downstream repeats (~60 min estimated on 2 CPU cores)")
         c.strategies = ("unet", "text", "unet+text", "lora", "dora", "bitfit")
         c.finetune.max_steps = 2000
         c.finetune.grad_accum = 1
