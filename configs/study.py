@@ -5,6 +5,7 @@ r"""The study: every strategy fine-tuned, sampled, scored and tabulated (`jaxmed
         --config.model.path=/data/stable-diffusion-v1-5 --config.data.kind=chexpert \
         --config.data.train_csv=train.csv --config.data.valid_csv=valid.csv \
         --config.data.test_csv=test.csv --config.data.image_root=/data
+    python -m jaxmed.study --config configs/study.py:findings --workdir /tmp/findings
     python -m jaxmed.study --config configs/study.py:ci --workdir /tmp/ci-study
 
 Presets:
@@ -29,6 +30,33 @@ Presets:
   rates), PNDM 50 steps at guidance 7.5, 5,000 images per condition,
   the real fractions {1, 5, 10, 25, 50, 100}% for every mode, 3 repeats. Point
   ``data.kind=chexpert`` at the CheXpert CSVs (the phantom works too).
+* ``findings`` -- the demo's model, data and judge, sized so that the three findings can
+  be decided (docs/STUDY.md "The study"); not run yet, the numbers below are estimates.
+  Strategies: the six the findings need (unet and unet+text: UNet training; lora, dora,
+  bitfit: adapters; text: frozen UNet) + base; the VAE strategies (slowest to train) and
+  the extras are left out. Training: 2,000 optimizer steps per strategy (about 9.5 epochs
+  of the 840 phantom films at batch 4, 19 at 8) at every study learning rate x 15, so
+  that learning rate x steps, 1e-5 x 15 x 2,000 = 0.30 for the UNet, matches the study's
+  (1e-5 x 31,562 optimizer steps = 101 epochs x 20,000 / a global batch of 64: 0.32); the
+  study's own rates would need ~30,000 steps, ~15x this budget. Why more than the demo:
+  after 60 steps at x 20 (0.012) the tuned models draw sepia textures, not radiographs
+  (docs/demo_samples.png); the tiny model's own pretraining took 2,500 steps at lr 1e-3
+  with batch 32. A checkpoint every 500 steps. 50 images per condition (300 per model,
+  50 noise seeds), so intervals narrow: in `tests/eval/test_findings.py`'s simulated judge
+  the 95% interval of finding 2's alignment difference is 0.16 wide at 10 seeds (the
+  demo), 0.10 at 30 and 0.08 at 50 (median of 100 data sets); a simulated paired FID
+  difference (128-d features, 180 real films) narrows from 2.0 at 60 generated images to
+  1.1 at 300, and a model's FID interval from 8.3 to 4.2 (`jaxmed.eval.uncertainty`'s
+  half-samples; 2026-12-05). Downstream: 5 repeats (seeds x repeats: 5 pairs, a t
+  interval with 4 degrees of freedom, half the width of 3 repeats' at the same spread).
+  Estimated wall time on a quiet 2-core CPU (an estimate, not a measurement: process CPU
+  seconds per phase of a 2-model demo profiled under load on 2026-12-05 by h19c, taken
+  as wall seconds): fixed costs (data 12 s, judge 54 s, 20 real-only classifiers at ~9 s,
+  test features and the 300-film floor) ~6 min; training ~25 min (2,000 steps x ~0.1 s at
+  batch 4, ~0.15 s at batch 8: the bench's 24-38 ms UNet steps x 2.5 for the data path
+  and optimizer, not yet measured at this length, plus compiles); per model ~4.5 min
+  (synthesis ~0.36 s and evaluation ~0.24 s per image, 10 downstream classifiers at ~9 s)
+  x 7 = ~31 min: about 60 min, 50-85 min allowing for the per-step guess.
 * ``ci`` -- two strategies (lora, bitfit) + base on a random test-size model at 32 px with
   a handful of steps: checks the whole pipeline end to end in about 2-3 minutes on a CPU.
 
@@ -146,6 +174,22 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.synth.grid_per_condition = 4
         c.regimes.fractions = (0.01, 0.05, 0.25, 1.0)
         c.regimes.strategy_fractions = (0.01,)
+    elif arg == "findings":
+        c.description = ("the demo's model and data sized to decide the three findings: 6 "
+                         "strategies + base, 2,000 steps each, 50 images per condition, 5 "
+                         "downstream repeats (~60 min estimated on 2 CPU cores)")
+        c.strategies = ("unet", "text", "unet+text", "lora", "dora", "bitfit")
+        c.finetune.max_steps = 2000
+        c.finetune.grad_accum = 1
+        c.finetune.lr_multiplier = 15.0
+        c.finetune.checkpoint_every_steps = 500
+        c.synth.per_condition = 50
+        c.synth.steps = 20
+        c.synth.batch_size = 20
+        c.synth.grid_per_condition = 4
+        c.regimes.fractions = (0.01, 0.05, 0.25, 1.0)
+        c.regimes.strategy_fractions = (0.01,)
+        c.regimes.repeats = 5
     elif arg == "paper":
         c.description = ("the study's settings: SD 1.5 at 512 px, docs/STUDY.md hyperparameters, "
                          "PNDM 50 steps, 5,000 images per condition, all real fractions")
@@ -190,5 +234,6 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.regimes.fractions = (0.25, 1.0)
         c.regimes.strategy_fractions = (0.25,)
     else:
-        raise ValueError(f"study.py: unknown preset {arg!r}; choose demo, paper or ci")
+        raise ValueError(f"study.py: unknown preset {arg!r}; choose demo, findings, paper or "
+                         "ci")
     return c

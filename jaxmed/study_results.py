@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxmed import files, images
 from jaxmed.data.labels import ALL
+from jaxmed.eval import alignment as A
 from jaxmed.eval import findings as F
 from jaxmed.eval import report, tables
 from jaxmed.eval.fid import RankDeficientWarning, fid_from_features
@@ -121,17 +122,8 @@ def compute_findings(study, results: dict, names: Sequence[str], kind: str, fid_
            and kind in gen[m]}
     ranking = F.family_ranking(test[kind], {m: gen[m][kind] for m in fam}, fam, b=b,
                                seed=seed) if kind in test and fam else None
-    # (2) alignment, paired over generated images
-    tuned = [m for m in names if m != BASE and m in gen and "judge" in gen[m]]
-    align, why = None, ""
-    if BASE not in gen or "judge" not in gen.get(BASE, {}):
-        why = "the base model or a judge is missing"
-    elif not tuned:
-        why = "no fine-tuned strategy"
-    else:
-        labels = _condition_labels(gen[BASE], study.conditions)
-        align = F.alignment_gain({m: gen[m]["judge"] for m in [BASE, *tuned]}, labels, BASE,
-                                 tuned, b=b, seed=seed)
+    # (2) alignment, paired over seeds, from the judge scores each evaluation saved
+    align, why, chance_p = alignment_finding(study, results, names, gen, b, seed)
     # (3) downstream, strategy chosen on validation
     val_fids = validation_fids(results, names, valid, gen, kind)
     chosen, how = choose_downstream(study.config, names, val_fids)
@@ -143,12 +135,43 @@ def compute_findings(study, results: dict, names: Sequence[str], kind: str, fid_
     label = tables.frac_label(scarcest) if scarcest is not None else "?"
     out = F.three_findings(fid_name=fid_name, ranking=ranking, alignment=align,
                            alignment_why=why, downstream=down, scarcest_label=label,
-                           chosen=chosen, chosen_how=how, downstream_why=dwhy)
+                           chosen=chosen, chosen_how=how, downstream_why=dwhy,
+                           chance_p=chance_p)
     plots = finding_plots(study, ranking, align, fid_name)
     return out, {"validation_fid": val_fids, "downstream_strategy": chosen,
                  "downstream_how": how, "plots": plots,
                  "per_model_fid": ({m: iv.to_dict() for m, iv in ranking["per_model"].items()}
                                    if ranking and "per_model" in ranking else {})}
+
+
+def alignment_finding(study, results: dict, names: Sequence[str], gen: dict, b: int,
+                      seed: int) -> tuple[dict | None, str, dict]:
+    """Finding 2 (`findings.alignment_gain_paired`) from each model's saved judge scores
+    (``<model>/eval/judge_scores.npz``: the same synthesis plan for every model, checked),
+    or from the features files' judge columns when scores were not saved; with each model's
+    alignment-against-chance p-value from its evaluation."""
+    conds = list(study.conditions)
+    paths = {m: study.path(m, "eval") for m in names
+             if os.path.isfile(study.path(m, "eval", A.SCORES_FILE))}
+    chance = {m: tables.overall(results, m, "align_paired_p_value") for m in names
+              if m in results}
+    if BASE not in paths and (BASE not in gen or "judge" not in gen[BASE]):
+        return None, "the base model or a judge is missing", chance
+    if BASE in paths:
+        sc = {m: A.load_judge_scores(p, conds) for m, p in paths.items()}
+        for m in sc:
+            A.same_plan(sc[m], sc[BASE], (paths[m], paths[BASE]))
+        probs = {m: v["probs"] for m, v in sc.items()}
+        labels, groups = sc[BASE]["prompt_labels"], sc[BASE]["groups"]
+    else:  # older evaluations: judge columns of features.npz, one image per group
+        probs = {m: gen[m]["judge"] for m in names if m in gen and "judge" in gen[m]}
+        labels = _condition_labels(gen[BASE], conds)
+        groups = np.arange(labels.shape[0])
+    tuned = [m for m in names if m != BASE and m in probs]
+    if not tuned:
+        return None, "no fine-tuned strategy", chance
+    return F.alignment_gain_paired(probs, labels, groups, BASE, tuned, b=max(b, 2),
+                                   seed=seed), "", chance
 
 
 def finding_plots(study, ranking: dict | None, align: dict | None, fid_name: str) -> dict:
@@ -180,7 +203,8 @@ def finding_plots(study, ranking: dict | None, align: dict | None, fid_name: str
                         align["effect"].hi, ""))
         out["finding2"] = report.plot_intervals(
             rows, study.path("finding2_alignment.png"),
-            xlabel="alignment macro AUROC minus the base's, 95% interval", ref=0.0,
+            xlabel=f"{align.get('statistic', 'pooled')} alignment macro AUROC minus the "
+                   "base's, 95% interval", ref=0.0,
             title="Finding 2: alignment gain over the un-tuned base")
     return out
 
@@ -228,13 +252,15 @@ def write_results(study, results: dict[str, dict], real_rows: list[dict], judge=
     plots["fid_vs_params"] = report.plot_fid_vs_params(
         pts, study.path("fid_vs_params.png"), ylabel=f"{fid_name} (all conditions)",
         base=base_fid)
+    real_iv = tables.regime_intervals(real_rows)
     curves, syn_only = {}, {}
     for m in names:
-        tab = tables.regime_table(results[m].get("regimes", []))
-        curves[m] = [(f, tab.get(("real+synthetic", f))) for f in strat_fracs]
-        syn_only[m] = tab.get(("synthetic", None))
+        tab = tables.regime_intervals(results[m].get("regimes", []))
+        curves[m] = [(f, *(tables.band(tab, ("real+synthetic", f)) or (None,) * 3))
+                     for f in strat_fracs]
+        syn_only[m] = tables.band(tab, ("synthetic", None))
     plots["auroc_vs_fraction"] = report.plot_auroc_vs_fraction(
-        [(f, real_tab.get(("real", f))) for f in fractions], curves,
+        [(f, *(tables.band(real_iv, ("real", f)) or (None,) * 3)) for f in fractions], curves,
         study.path("auroc_vs_fraction.png"), synthetic_only=syn_only)
     plots["samples_all"] = samples_all(study, names)
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxmed import files
 from jaxmed.eval import metrics as M
+from jaxmed.eval import uncertainty as U
 
 
 def _judge_columns(judge_labels: Sequence[str], conditions: Sequence[str]):
@@ -274,34 +275,6 @@ class _PairedAlignment:
         return macro, per
 
 
-def bootstrap_interval_over_groups(stat_fn, n_groups: int, *, n_boot: int = 1000,
-                                   level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of ``stat_fn(weights (B, G)) -> (B,)`` over resamples of groups.
-
-    Each resample draws ``n_groups`` groups with replacement; ``weights[b, g]`` is how
-    often group g was drawn. Resampling whole groups keeps each seed's images together,
-    which is what makes the interval paired. (A local helper: the study's statistics
-    module has the general bootstrap; the two should be unified.)
-    """
-    if n_groups < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    vals = []
-    for start in range(0, n_boot, 100):  # bounded memory: (100, G) weights at a time
-        m = min(100, n_boot - start)
-        draws = rng.integers(0, n_groups, size=(m, n_groups))
-        weights = np.stack([np.bincount(d, minlength=n_groups) for d in draws]).astype(
-            np.float64)
-        vals.append(np.asarray(stat_fn(weights), np.float64).reshape(-1))
-    vals = np.concatenate(vals)
-    vals = vals[np.isfinite(vals)]
-    if vals.size == 0:
-        return float("nan"), float("nan")
-    a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(vals, [a, 1.0 - a])
-    return float(lo), float(hi)
-
-
 def _shuffle_within_groups(y: np.ndarray, g_index: np.ndarray,
                            rng: np.random.Generator) -> np.ndarray:
     """Prompt labels permuted among the images of each group (rows move together)."""
@@ -352,14 +325,14 @@ def paired_alignment(probs: np.ndarray, prompt_labels: np.ndarray, groups,
     strata = base.g_index if base.pi.size else np.zeros_like(base.g_index)
     shuffled = base.with_labels(_shuffle_within_groups(y, strata, rng))
     null_labels = [_shuffle_within_groups(y, strata, rng) for _ in range(n_perm)]
-    kw = dict(n_boot=n_boot, level=level, seed=seed)
+    kw = dict(b=n_boot, level=level, seed=seed)
 
     def pooled_of(a):
         return lambda w: np.array([a.pooled(row)[0] for row in w])
 
     def summary(a, value, per, fn) -> dict:
-        return {"value": value, "interval": list(bootstrap_interval_over_groups(
-            fn, base.n_groups, **kw)),
+        return {"value": value, "interval": _bounds(U.bootstrap_groups(
+            fn, base.n_groups, value=value, **kw)),
             "per_condition": {c: float(v) for c, v in zip(conditions, per)}}
 
     out = {"n_images": int(p.shape[0]), "n_groups": base.n_groups, "level": level,
@@ -415,35 +388,73 @@ def paired_alignment_row(paired: dict | None) -> dict:
     return row
 
 
+def _bounds(iv: U.Interval) -> list[float]:
+    return [iv.lo, iv.hi]
+
+
+def within_seed_counts(probs: np.ndarray, prompt_labels: np.ndarray, groups
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(wins, pairs), each (groups, conditions): per noise group, the within-group
+    (prompted, not prompted) image pairs of each condition and how many the prompted image
+    won on the judge's probability (ties 1/2). The within-seed AUROC is
+    ``within_seed_auroc(wins, pairs)``."""
+    return _PairedAlignment(probs, prompt_labels, groups).group_counts()
+
+
+def within_seed_auroc(wins: np.ndarray, pairs: np.ndarray, weights=None) -> np.ndarray:
+    """Macro within-seed AUROC of (wins, pairs) counts, one value per row of the group
+    ``weights`` (B, G) (unit weights: one value)."""
+    return _PairedAlignment.within(wins, pairs, weights)[0]
+
+
+def counts_difference(wins_a: np.ndarray, wins_b: np.ndarray, pairs: np.ndarray, *,
+                      n_boot: int = 1000, n_perm: int = 2000, level: float = 0.95,
+                      seed: int = 0) -> dict:
+    """Within-seed macro AUROC of A minus B from their group counts on the same prompts and
+    noise (one ``pairs``): the difference, its percentile bootstrap interval over groups
+    (both models resampled with the same groups) and the paired sign-flip permutation
+    p-values (`uncertainty.sign_flip_p_value`): the statistic is
+    ``mean_c sum_g (wins_a - wins_b)[g, c] / sum_g pairs[g, c]``, a sum of per-group terms,
+    and under H0 (A and B align equally) each group's term is as likely negated.
+    ``p_value``: one-sided, A above B; ``p_value_below``: A below B."""
+    wa, wb, pr = (np.asarray(x, np.float64) for x in (wins_a, wins_b, pairs))
+    diff = float(within_seed_auroc(wa, pr)[0] - within_seed_auroc(wb, pr)[0])
+    iv = U.bootstrap_groups(lambda w: within_seed_auroc(wa, pr, w) - within_seed_auroc(
+        wb, pr, w), pr.shape[0], b=n_boot, seed=seed, level=level, value=diff)
+    tot = pr.sum(0)
+    ok = tot > 0
+    contrib = ((wa - wb)[:, ok] / tot[ok]).sum(1) / max(int(ok.sum()), 1)
+    above, below = U.sign_flip_p_value(contrib, diff, n_perm=n_perm, seed=seed)
+    return {"difference": diff, "interval": _bounds(iv), "p_value": above,
+            "p_value_below": below, "n_perm": n_perm}
+
+
 def paired_difference(probs_a: np.ndarray, probs_b: np.ndarray, prompt_labels: np.ndarray,
                       groups, conditions: Sequence[str], *, n_boot: int = 1000,
-                      level: float = 0.95, seed: int = 0) -> dict:
+                      n_perm: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
     """Model A's alignment minus model B's on the same prompts and noise (row i of both
     is the same prompt from the same noise, as the study synthesises every model): the
     pooled and within-seed macro AUROC differences with percentile bootstrap intervals,
-    both models resampled with the same seeds (a paired interval)."""
+    both models resampled with the same seeds (a paired interval); the within-seed
+    difference also carries the paired sign-flip permutation p-values (`counts_difference`),
+    the test a verdict reads (`jaxmed.eval.findings` "finding 2")."""
     pa, pb = np.asarray(probs_a, np.float64), np.asarray(probs_b, np.float64)
     if pa.shape != pb.shape:
         raise ValueError(f"the two models' probabilities differ in shape: {pa.shape} vs "
                          f"{pb.shape}; score the same synthesis plan with both")
     a, b = _PairedAlignment(pa, prompt_labels, groups), _PairedAlignment(pb, prompt_labels,
                                                                          groups)
-    kw = dict(n_boot=n_boot, level=level, seed=seed)
     out = {"n_groups": a.n_groups, "level": level}
-    out["pooled"] = {"difference": a.pooled()[0] - b.pooled()[0],
-                     "interval": list(bootstrap_interval_over_groups(
-                         lambda w: np.array([a.pooled(r)[0] - b.pooled(r)[0] for r in w]),
-                         a.n_groups, **kw))}
+    diff = a.pooled()[0] - b.pooled()[0]
+    out["pooled"] = {"difference": diff, "interval": _bounds(U.bootstrap_groups(
+        lambda w: np.array([a.pooled(r)[0] - b.pooled(r)[0] for r in w]), a.n_groups,
+        b=n_boot, level=level, seed=seed, value=diff))}
     wa, wb = a.group_counts(), b.group_counts()
     if wa[1].sum() == 0:
         out["within_seed"] = None
         return out
-    out["within_seed"] = {
-        "difference": float(_PairedAlignment.within(*wa)[0][0]
-                            - _PairedAlignment.within(*wb)[0][0]),
-        "interval": list(bootstrap_interval_over_groups(
-            lambda w: _PairedAlignment.within(*wa, w)[0] - _PairedAlignment.within(*wb, w)[0],
-            a.n_groups, **kw))}
+    out["within_seed"] = counts_difference(wa[0], wb[0], wa[1], n_boot=n_boot, n_perm=n_perm,
+                                           level=level, seed=seed)
     return out
 
 
@@ -463,22 +474,33 @@ def save_judge_scores(out_dir: str, probs: np.ndarray, prompt_labels: np.ndarray
     return path
 
 
+def load_judge_scores(eval_dir: str, conditions: Sequence[str]) -> dict:
+    """One evaluation's saved judge scores (`save_judge_scores`) restricted to the
+    ``conditions`` the judge knows: {probs, prompt_labels (N, C), groups, conditions}."""
+    with np.load(os.path.join(eval_dir, SCORES_FILE)) as z:
+        d = {k: z[k] for k in z.files}
+    idx, missing = _judge_columns(tuple(str(x) for x in d["judge_labels"]), conditions)
+    scored = [c for c in conditions if c not in missing]
+    cols = [[str(x) for x in d["label_columns"]].index(c) for c in scored]
+    return {"probs": d["probs"][:, idx].astype(np.float64),
+            "prompt_labels": d["prompt_labels"][:, cols].astype(np.float64),
+            "groups": d["groups"], "conditions": scored}
+
+
+def same_plan(a: dict, b: dict, names: tuple[str, str]) -> None:
+    """Two `load_judge_scores` come from the same synthesis plan, or a clear error."""
+    for k in ("prompt_labels", "groups"):
+        if not np.array_equal(a[k], b[k], equal_nan=k == "prompt_labels"):
+            raise ValueError(f"{names[0]} and {names[1]} scored different synthesis plans "
+                             f"({k} differ): a paired comparison needs the same prompts and "
+                             "noise")
+
+
 def paired_difference_of(eval_dir_a: str, eval_dir_b: str, conditions: Sequence[str],
                          **kw) -> dict:
     """`paired_difference` of two evaluation folders (``jaxmed.evaluate --out``) that scored
     the same synthesis plan (same prompts, order and noise ids)."""
-    d = []
-    for folder in (eval_dir_a, eval_dir_b):
-        with np.load(os.path.join(folder, SCORES_FILE)) as z:
-            d.append({k: z[k] for k in z.files})
-    a, b = d
-    for k in ("prompt_labels", "groups"):
-        if not np.array_equal(a[k], b[k], equal_nan=k == "prompt_labels"):
-            raise ValueError(f"{eval_dir_a} and {eval_dir_b} scored different synthesis plans "
-                             f"({k} differ): a paired comparison needs the same prompts and "
-                             "noise")
-    idx, missing = _judge_columns(tuple(a["judge_labels"]), conditions)
-    scored = [c for c in conditions if c not in missing]
-    cols = [list(a["label_columns"]).index(c) for c in scored]
-    return paired_difference(a["probs"][:, idx], b["probs"][:, idx],
-                             a["prompt_labels"][:, cols], a["groups"], scored, **kw)
+    a, b = (load_judge_scores(f, conditions) for f in (eval_dir_a, eval_dir_b))
+    same_plan(a, b, (eval_dir_a, eval_dir_b))
+    return paired_difference(a["probs"], b["probs"], a["prompt_labels"], a["groups"],
+                             a["conditions"], **kw)

@@ -195,36 +195,70 @@ def plot_fid_vs_params(points: Sequence[tuple[str, float | None, float | None]],
     return path
 
 
-def plot_auroc_vs_fraction(real_only: Sequence[tuple[float, float | None]],
-                           per_model: Mapping[str, Sequence[tuple[float, float | None]]],
-                           path: str, *, synthetic_only: Mapping[str, float | None] | None = None,
+Point = tuple  # (fraction, value) or (fraction, value, lo, hi)
+
+
+def _finite_points(pts: Iterable[Point]) -> list[tuple[float, float, float, float]]:
+    """(fraction, value, lo, hi) with a finite value, sorted; NaN bounds where not given."""
+    out = []
+    for p in pts:
+        f, v = p[0], p[1]
+        lo, hi = (p[2], p[3]) if len(p) >= 4 else (None, None)
+        if v is None or not math.isfinite(v):
+            continue
+        out.append((float(f), float(v), math.nan if lo is None else float(lo),
+                    math.nan if hi is None else float(hi)))
+    return sorted(out)
+
+
+def _curve(ax, pts, color, label, **kw):
+    """A line with its 95% band (a filled band over >= 2 fractions with bounds, error bars
+    on a lone point)."""
+    fs, vs, lo, hi = (np.asarray(x) for x in zip(*pts))
+    x = 100 * fs
+    ax.plot(x, vs, color=color, label=label, **kw)
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    if ok.sum() >= 2:
+        ax.fill_between(x[ok], lo[ok], hi[ok], color=color, alpha=0.15, lw=0)
+    elif ok.any():
+        ax.errorbar(x[ok], vs[ok], yerr=[vs[ok] - lo[ok], hi[ok] - vs[ok]], color=color,
+                    capsize=3, lw=1, fmt="none")
+
+
+def plot_auroc_vs_fraction(real_only: Sequence[Point],
+                           per_model: Mapping[str, Sequence[Point]],
+                           path: str, *, synthetic_only: Mapping[str, Any] | None = None,
                            title: str = "") -> str:
     """Macro AUROC vs real fraction: the real-only curve (black), one real + synthetic line
-    per model, and each model's synthetic-only score as an x at the left edge."""
+    per model, and each model's synthetic-only score as an x at the left edge. A point
+    ``(fraction, value, lo, hi)`` draws its 95% interval over the runs (seeds x repeats;
+    `jaxmed.eval.tables.regime_intervals`) as a band; ``(fraction, value)`` a bare line.
+    ``synthetic_only`` values: a number or (value, lo, hi)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     cmap = plt.get_cmap("tab20")
 
-    def finite(pts):
-        return sorted((f, v) for f, v in pts if v is not None and math.isfinite(v))
-
-    pts = finite(real_only)
+    pts = _finite_points(real_only)
     if pts:
-        fs, vs = zip(*pts)
-        ax.plot([100 * f for f in fs], vs, color="black", lw=2.2, marker="o", label="real only")
+        _curve(ax, pts, "black", "real only", lw=2.2, marker="o")
     names = list(dict.fromkeys([*per_model, *(synthetic_only or {})]))
     for i, name in enumerate(names):
         color = cmap(i % 20)
-        pts = finite(per_model.get(name, ()))
+        pts = _finite_points(per_model.get(name, ()))
         if pts:
-            fs, vs = zip(*pts)
-            ax.plot([100 * f for f in fs], vs, color=color, lw=1.1, marker=".", alpha=0.9,
-                    label=f"{name} + real")
+            _curve(ax, pts, color, f"{name} + real", lw=1.1, marker=".", alpha=0.9)
         v = (synthetic_only or {}).get(name)
-        if v is not None and math.isfinite(v):
+        p = _finite_points([(0.005, *v)] if isinstance(v, (tuple, list)) else [(0.005, v)])
+        if p:
+            _, v, lo, hi = p[0]
             ax.scatter([0.5], [v], marker="x", s=20, color=color)
+            if math.isfinite(lo) and math.isfinite(hi):
+                ax.plot([0.5, 0.5], [lo, hi], color=color, lw=0.8, alpha=0.7)
     if synthetic_only:
         ax.annotate("x: synthetic only", (0.01, 0.01), xycoords="axes fraction", fontsize=7)
+    if any(len(p) >= 4 for p in real_only):
+        ax.annotate("bands: 95% t interval over seeds x repeats", (0.01, 0.05),
+                    xycoords="axes fraction", fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("real training data (%)")
     ax.set_ylabel("macro AUROC (real test)")

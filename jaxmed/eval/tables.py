@@ -17,7 +17,7 @@ import numpy as np
 from jaxmed.data.labels import ALL
 from jaxmed.eval import report
 from jaxmed.eval.alignment_report import judge_views_markdown, paired_alignment_markdown
-from jaxmed.eval.uncertainty import fmt_interval
+from jaxmed.eval.uncertainty import Interval, fmt_interval, mean_interval
 
 # The un-tuned base model's name among the study's models.
 BASE = "base"
@@ -79,6 +79,23 @@ def regime_table(rows: Sequence[dict]) -> dict[tuple[str, float | None], float |
         key = (r["mode"], None if r.get("fraction") is None else float(r["fraction"]))
         acc.setdefault(key, []).append(r.get("macro_auroc"))
     return {k: _mean(v) for k, v in acc.items()}
+
+
+def regime_intervals(rows: Sequence[dict]) -> dict[tuple[str, float | None], Interval]:
+    """{(mode, fraction): mean macro AUROC over the runs (seeds x repeats) with its 95% t
+    interval}; NaN bounds from a single run."""
+    acc: dict[tuple, list] = {}
+    for r in rows:
+        key = (r["mode"], None if r.get("fraction") is None else float(r["fraction"]))
+        v = r.get("macro_auroc")
+        acc.setdefault(key, []).append(math.nan if v is None else float(v))
+    return {k: mean_interval(v) for k, v in acc.items()}
+
+
+def band(tab: dict, key) -> tuple | None:
+    """(value, lo, hi) of a `regime_intervals` entry, None when absent."""
+    iv = tab.get(key)
+    return None if iv is None else (iv.value, iv.lo, iv.hi)
 
 
 def regime_col(mode: str, f) -> str:
@@ -177,7 +194,10 @@ def results_markdown(study, results: dict, names: Sequence[str], headers: Sequen
           "formed. FID / KID / Vendi intervals come from half-samples of the real and the "
           "generated images (paired across models: every model is sampled from the same "
           "prompts and noise); downstream differences from the paired (seed, repeat) runs "
-          "(`jaxmed.eval.uncertainty`).", ""]
+          "(`jaxmed.eval.uncertainty`). Finding 2 also needs the paired sign-flip "
+          "permutation test over noise seeds to agree (one-sided p <= 0.025): with few seeds "
+          "the bootstrap interval alone is too narrow (`jaxmed.eval.findings.paired_verdict`)"
+          ".", ""]
     L += _budget_notes(c, findings)
     if chosen:
         vf = chosen.get("validation_fid") or {}
@@ -294,6 +314,10 @@ def _budget_notes(c, findings: list[dict]) -> list[str]:
                      "interval and can only be INCONCLUSIVE (`regimes.repeats` >= 3 for a "
                      "verdict)")
     n = int(c.synth.per_condition)
+    if n < 6:
+        notes.append(f"{n} noise seeds: finding 2's sign-flip permutation test cannot reach "
+                     f"p <= 0.025 (its smallest p-value is 2^-{n}), so finding 2 is at best "
+                     "INCONCLUSIVE")
     if n < 30:
         notes.append(f"{n} generated images per condition: per-condition intervals are wide "
                      "and FID is far above its large-N value (compare only at equal N, and "

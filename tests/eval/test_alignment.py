@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxmed.eval import alignment as A
 from jaxmed.eval import metrics as M
+from jaxmed.eval import uncertainty as U
 
 C = 6
 CONDS = [f"c{k}" for k in range(C)]
@@ -80,9 +81,10 @@ def test_interval_over_seeds_covers_chance_under_the_null():
         p, y, g = paired_set(rng, 30, effect=0.0)
         pa = A._PairedAlignment(p, y, g)
         wins, pairs = pa.group_counts()
-        lo, hi = A.bootstrap_interval_over_groups(
-            lambda w, a=wins, b=pairs: A._PairedAlignment.within(a, b, w)[0], 30, n_boot=200,
+        iv = U.bootstrap_groups(
+            lambda w, a=wins, b=pairs: A._PairedAlignment.within(a, b, w)[0], 30, b=200,
             seed=r)
+        lo, hi = iv.lo, iv.hi
         cover += lo <= 0.5 <= hi
         value = A._PairedAlignment.within(wins, pairs)[0][0]
         null = [A._PairedAlignment.within(*pa.with_labels(
@@ -106,3 +108,43 @@ def test_paired_difference_between_two_models_on_the_same_noise():
         assert 0 < d[kind]["interval"][0] <= d[kind]["difference"] <= d[kind]["interval"][1]
     same = A.paired_difference(p0, p0, y, g, CONDS, n_boot=50)
     assert same["within_seed"]["interval"] == [0.0, 0.0]
+
+
+def _reference_interval_over_groups(stat_fn, n_groups, n_boot, seed, level=0.95):
+    """The alignment module's own group bootstrap before it moved into
+    `jaxmed.eval.uncertainty` (kept here as the reference its numbers must match)."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    for start in range(0, n_boot, 100):
+        m = min(100, n_boot - start)
+        draws = rng.integers(0, n_groups, size=(m, n_groups))
+        weights = np.stack([np.bincount(d, minlength=n_groups) for d in draws]).astype(
+            np.float64)
+        vals.append(np.asarray(stat_fn(weights), np.float64).reshape(-1))
+    vals = np.concatenate(vals)
+    vals = vals[np.isfinite(vals)]
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(vals, [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def test_group_bootstrap_matches_the_former_alignment_helper():
+    """One bootstrap implementation: `uncertainty.bootstrap_groups` draws the same group
+    resamples (chunks of 100 included) and gives bit-identical bounds."""
+    rng = np.random.default_rng(5)
+    p, y, g = paired_set(rng, 12, effect=0.8)
+    wins, pairs = A.within_seed_counts(p, y, g)
+
+    def fn(w):
+        return A.within_seed_auroc(wins, pairs, w)
+
+    for n_boot, seed in ((250, 0), (100, 3), (37, 9)):
+        iv = U.bootstrap_groups(fn, 12, b=n_boot, seed=seed)
+        assert (iv.lo, iv.hi) == _reference_interval_over_groups(fn, 12, n_boot, seed)
+        assert iv.value == fn(np.ones((1, 12)))[0]
+    # the row bootstrap draws from the same generator in the same order
+    x = rng.normal(size=30)
+    r2 = np.random.default_rng(4)
+    want = [np.mean(x[r2.integers(0, 30, 30)]) for _ in range(50)]
+    assert (U.bootstrap(np.mean, x, b=50, seed=4).lo, U.bootstrap(np.mean, x, b=50, seed=4).hi
+            ) == U.percentile_interval(want)
