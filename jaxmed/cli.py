@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxmed.hostmem import keep_freed_memory
+from jaxmed.hostmem import keep_freed_memory_on_cpu
 
 # scheme://... (gs://, s3://, memory://): a storage URL, not a local path.
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -165,9 +165,10 @@ def enable_compilation_cache() -> None:
     """JAX's persistent compilation cache for the command-line tools: a rerun (a resumed
     study, a second strategy of the same shape) loads compiled steps instead of compiling.
     ``$JAXMED_COMPILATION_CACHE``, else ``$JAXMED_CACHE/xla`` (default ``~/.cache/jaxmed``).
-    Also keeps freed host memory in the process (`jaxmed.hostmem`), which must happen
-    before jax starts its backend: every command-line tool calls this first."""
-    keep_freed_memory()
+    Also keeps freed host memory in the process when jax will run on the CPU
+    (`jaxmed.hostmem`), which must happen before jax starts its backend: every command-line
+    tool calls this first (it starts no backend, so `start_distributed` may follow)."""
+    keep_freed_memory_on_cpu()
 
     d = os.environ.get("JAXMED_COMPILATION_CACHE") or os.path.join(
         os.environ.get("JAXMED_CACHE", os.path.expanduser("~/.cache/jaxmed")), "xla")
@@ -176,3 +177,32 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     except Exception as e:  # noqa: BLE001 - a cache is an optimisation only
         logging.getLogger("jaxmed").warning("no persistent compilation cache: %s", e)
+
+
+def start_distributed() -> None:
+    """With ``JAXMED_DISTRIBUTED=1``, join the run's other processes
+    (``jax.distributed.initialize``) before anything starts jax's backend. On a TPU VM, a
+    SLURM or Open MPI job or Kubernetes jax finds the coordinator itself; elsewhere set
+    ``JAX_COORDINATOR_ADDRESS=host:port`` (process 0's machine, the same on every process),
+    ``JAXMED_NUM_PROCESSES`` and ``JAXMED_PROCESS_ID`` (0 .. N-1, a different one per
+    process). Raises ConfigError (one line: what to set) when they are missing or wrong."""
+    if os.environ.get("JAXMED_DISTRIBUTED") != "1":
+        return
+    kwargs = {}
+    for key, env in (("num_processes", "JAXMED_NUM_PROCESSES"),
+                     ("process_id", "JAXMED_PROCESS_ID")):
+        text = os.environ.get(env, "").strip()
+        if text:
+            if not text.isdigit():
+                raise ConfigError(f"{env}={text!r}: expected a whole number")
+            kwargs[key] = int(text)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(
+            f"JAXMED_DISTRIBUTED=1 but jax could not join the processes ({err}). No TPU VM, "
+            "SLURM, Open MPI or Kubernetes job was detected to say where they are: on every "
+            "process set JAX_COORDINATOR_ADDRESS=HOST:PORT (process 0's machine and a free "
+            "port, the same everywhere), JAXMED_NUM_PROCESSES=N and JAXMED_PROCESS_ID=i "
+            "(0 on the coordinator's machine, a different i < N on each other one); or unset "
+            "JAXMED_DISTRIBUTED for a one-process run") from None

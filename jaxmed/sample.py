@@ -52,7 +52,7 @@ from PIL import Image
 
 from jaxmed import sharding
 from jaxmed.checkpoint import load_for_sampling
-from jaxmed.cli import enable_compilation_cache
+from jaxmed.cli import enable_compilation_cache, start_distributed
 from jaxmed.data.combinations import (
     Combination,
     format_label,
@@ -316,8 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             columns = tuple(c.strip() for c in args.label_columns.split(",") if c.strip())
         combos = read_combinations(args.combinations, columns) if args.combinations else None
         enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
-        if os.environ.get("JAXMED_DISTRIBUTED") == "1":
-            jax.distributed.initialize()
+        start_distributed()
 
         mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp, 1)
         sd, params = load_for_sampling(args.model, dtype=args.dtype)

@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from jaxmed import sharding
 from jaxmed.cache import LatentCache, TextCache, params_hash
 from jaxmed.checkpoint import Checkpointer, TrainState, abstract_like
-from jaxmed.cli import ConfigError, enable_compilation_cache, parse
+from jaxmed.cli import ConfigError, enable_compilation_cache, parse, start_distributed
 from jaxmed.data import Batches, Captioner, build_records, prefetch_to_device
 from jaxmed.diffusion.sampling import generate, make_sample_fn
 from jaxmed.files import atomic_write, save_image
@@ -563,12 +563,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config, args = parse(argv, "python -m jaxmed.train", __doc__.split("\n\n")[0])
+        enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
+        start_distributed()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
-    if os.environ.get("JAXMED_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
     train(config, args.workdir)
     return 0
 
