@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,10 +23,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from jaxmed import storage
 from jaxmed.hostmem import keep_freed_memory_on_cpu
-
-# scheme://... (gs://, s3://, memory://): a storage URL, not a local path.
-URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class ConfigError(ValueError):
@@ -119,8 +116,12 @@ def parse(
     default_config: str | None = None,
     workdir_required: bool = True,
     extra: Sequence[tuple[str, dict]] = (),
+    url_workdir: bool = True,
 ) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
-    """Parse ``--config FILE[:ARG] --config.x.y=v ... --workdir DIR [extra flags]``."""
+    """Parse ``--config FILE[:ARG] --config.x.y=v ... --workdir DIR [extra flags]``. The
+    workdir may be a storage URL (``gs://bucket/run``, `jaxmed.storage`) unless the tool
+    says ``url_workdir=False``; it is checked here, so a missing gcsfs is one line now
+    rather than a traceback after the model has loaded."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = [], []
     i = 0
@@ -146,11 +147,16 @@ def parse(
     for name, kw in extra:
         ap.add_argument(name, **kw)
     args = ap.parse_args(rest)
-    if args.workdir and URL.match(args.workdir):
-        # os.path would turn gs://bucket/run into a local ./gs:/bucket/run.
-        raise ConfigError(
-            f"--workdir {args.workdir}: URL workdirs are not supported yet; mount the bucket "
-            "on every host (e.g. gcsfuse) and pass the mounted folder")
+    if args.workdir and storage.is_url(args.workdir):
+        if not url_workdir:
+            raise ConfigError(
+                f"--workdir {args.workdir}: {prog.split()[-1]} needs a local or mounted "
+                "workdir (storage URLs work for jaxmed.train); mount the bucket on every "
+                "host (e.g. gcsfuse) and pass the mounted folder")
+        try:
+            storage.check_url(args.workdir, "--workdir")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     config = load_config(args.config)
     for k, v in overrides:
         set_override(config, k, v)
