@@ -36,7 +36,13 @@ from jaxmed import sharding
 from jaxmed import study as study_mod
 from jaxmed import train as train_mod
 from jaxmed.checkpoint import load_for_sampling
-from jaxmed.cli import ConfigError, load_config, set_override, use_compilation_cache
+from jaxmed.cli import (
+    ConfigError,
+    check_workdir,
+    load_config,
+    set_override,
+    use_compilation_cache,
+)
 from jaxmed.data.combinations import read_combinations
 from jaxmed.data.labels import LABELS
 
@@ -84,6 +90,7 @@ def train(spec: str | ml_collections.ConfigDict, workdir: str,
           overrides: Overrides = None) -> dict:
     """`python -m jaxmed.train --config SPEC --workdir WORKDIR [overrides]`: trains to the
     end (resuming from the workdir's checkpoint), exports, returns the run's summary."""
+    check_workdir(workdir, "jaxmed.train")
     setup()
     return train_mod.train(config(spec, overrides), workdir)
 
@@ -93,6 +100,7 @@ def study(spec: str | ml_collections.ConfigDict, workdir: str,
     """`python -m jaxmed.study --config SPEC --workdir WORKDIR [overrides]`: every model
     the preset names (finished ones skipped), then results.md / .csv and the plots; returns
     their paths (``md``, ``csv``, ``plots``) and the three findings."""
+    check_workdir(workdir, "jaxmed.study", url_ok=False)
     setup()
     return study_mod.run_study(config(spec, overrides), workdir)
 

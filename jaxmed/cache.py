@@ -22,7 +22,9 @@ shared workdir), process 0 alone checks, deletes and writes its files; the laten
 encoded by every process, each its share of the records on its own devices, into the same
 files, and the others wait at a barrier until process 0 has published them. When the folder
 is per host (local disk), each host builds its own copy with its local devices, with no
-cross-host traffic.
+cross-host traffic. A run whose workdir is a storage URL (``gs://``) keeps its caches per
+host by default (`jaxmed.storage.local_twin`); ``cache.dir`` itself must be a local or
+mounted folder, since the latents are memory-mapped.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxmed import storage
 from jaxmed.data.chexpert import BadImageError
 from jaxmed.files import atomic_path, write_json
 from jaxmed.logging_utils import progress as bar
@@ -218,6 +221,7 @@ class LatentCache:
         devices) with ``params`` as an argument: weights closed over would be baked into
         the compiled program as constants (slow to compile, a second copy in memory).
         """
+        storage.require_local(cache_dir, "cache.dir")
         folder = _folder_for(cache_dir, "latents", records.source)
         want = {"format": FORMAT, "records": records_hash(records), "resolution": resolution,
                 "resample": resample, "encoder": encoder_hash}
@@ -348,6 +352,7 @@ class TextCache:
         *,
         batch_size: int = 32,
     ) -> TextCache:
+        storage.require_local(cache_dir, "cache.dir")
         captions = sorted(set(captions))
         if shared_by_processes(cache_dir):
             # Process 0 builds (or checks) it alone; the others read it once published.

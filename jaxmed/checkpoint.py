@@ -24,6 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import struct
 
+from jaxmed import storage
 from jaxmed.models.sd import BUNDLED, StableDiffusion
 from jaxmed.optim import make_optimizer
 from jaxmed.strategies import build_strategy
@@ -44,8 +45,10 @@ class TrainState:
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
+        # A storage URL (gs://...) goes to orbax as given: it writes there through epath
+        # and tensorstore, and every host of a pod sees the same checkpoints.
+        self.directory = storage.absolute(directory)
+        storage.makedirs(self.directory)
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,10 +23,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxmed.hostmem import keep_freed_memory
-
-# scheme://... (gs://, s3://, memory://): a storage URL, not a local path.
-URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+from jaxmed import storage
+from jaxmed.hostmem import keep_freed_memory_on_cpu
 
 
 class ConfigError(ValueError):
@@ -119,8 +116,12 @@ def parse(
     default_config: str | None = None,
     workdir_required: bool = True,
     extra: Sequence[tuple[str, dict]] = (),
+    url_workdir: bool = True,
 ) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
-    """Parse ``--config FILE[:ARG] --config.x.y=v ... --workdir DIR [extra flags]``."""
+    """Parse ``--config FILE[:ARG] --config.x.y=v ... --workdir DIR [extra flags]``. The
+    workdir may be a storage URL (``gs://bucket/run``, `jaxmed.storage`) unless the tool
+    says ``url_workdir=False``; it is checked here, so a missing gcsfs is one line now
+    rather than a traceback after the model has loaded."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = [], []
     i = 0
@@ -146,11 +147,8 @@ def parse(
     for name, kw in extra:
         ap.add_argument(name, **kw)
     args = ap.parse_args(rest)
-    if args.workdir and URL.match(args.workdir):
-        # os.path would turn gs://bucket/run into a local ./gs:/bucket/run.
-        raise ConfigError(
-            f"--workdir {args.workdir}: URL workdirs are not supported yet; mount the bucket "
-            "on every host (e.g. gcsfuse) and pass the mounted folder")
+    if args.workdir:
+        check_workdir(args.workdir, prog.split()[-1], url_ok=url_workdir)
     config = load_config(args.config)
     for k, v in overrides:
         set_override(config, k, v)
@@ -161,12 +159,29 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+def check_workdir(workdir: str, tool: str, *, url_ok: bool = True) -> None:
+    """A storage-URL workdir (`jaxmed.storage`) is reachable (one line now rather than a
+    traceback after the model has loaded), or refused for a tool that needs a local one."""
+    if not storage.is_url(workdir):
+        return
+    if not url_ok:
+        raise ConfigError(
+            f"--workdir {workdir}: {tool} needs a local or mounted workdir (storage URLs "
+            "work for jaxmed.train); mount the bucket on every host (e.g. gcsfuse) and pass "
+            "the mounted folder")
+    try:
+        storage.check_url(workdir, "--workdir")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def enable_compilation_cache() -> None:
-    """What every command-line tool calls first: keeps freed host memory in the process
-    (`jaxmed.hostmem`), which must happen before jax starts its backend, then
-    `use_compilation_cache`. A notebook kernel calls `jaxmed.api.setup` instead: malloc
-    settings made for one command's process do not belong in a long-lived kernel."""
-    keep_freed_memory()
+    """What every command-line tool calls first: keeps freed host memory in the process when
+    jax will run on the CPU (`jaxmed.hostmem`), which must happen before jax starts its
+    backend, then `use_compilation_cache`. It starts no backend, so `start_distributed` may
+    follow. A notebook kernel calls `jaxmed.api.setup` instead: malloc settings made for one
+    command's process do not belong in a long-lived kernel."""
+    keep_freed_memory_on_cpu()
     use_compilation_cache()
 
 
@@ -182,3 +197,32 @@ def use_compilation_cache() -> str:
     except Exception as e:  # noqa: BLE001 - a cache is an optimisation only
         logging.getLogger("jaxmed").warning("no persistent compilation cache: %s", e)
     return d
+
+
+def start_distributed() -> None:
+    """With ``JAXMED_DISTRIBUTED=1``, join the run's other processes
+    (``jax.distributed.initialize``) before anything starts jax's backend. On a TPU VM, a
+    SLURM or Open MPI job or Kubernetes jax finds the coordinator itself; elsewhere set
+    ``JAX_COORDINATOR_ADDRESS=host:port`` (process 0's machine, the same on every process),
+    ``JAXMED_NUM_PROCESSES`` and ``JAXMED_PROCESS_ID`` (0 .. N-1, a different one per
+    process). Raises ConfigError (one line: what to set) when they are missing or wrong."""
+    if os.environ.get("JAXMED_DISTRIBUTED") != "1":
+        return
+    kwargs = {}
+    for key, env in (("num_processes", "JAXMED_NUM_PROCESSES"),
+                     ("process_id", "JAXMED_PROCESS_ID")):
+        text = os.environ.get(env, "").strip()
+        if text:
+            if not text.isdigit():
+                raise ConfigError(f"{env}={text!r}: expected a whole number")
+            kwargs[key] = int(text)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(
+            f"JAXMED_DISTRIBUTED=1 but jax could not join the processes ({err}). No TPU VM, "
+            "SLURM, Open MPI or Kubernetes job was detected to say where they are: on every "
+            "process set JAX_COORDINATOR_ADDRESS=HOST:PORT (process 0's machine and a free "
+            "port, the same everywhere), JAXMED_NUM_PROCESSES=N and JAXMED_PROCESS_ID=i "
+            "(0 on the coordinator's machine, a different i < N on each other one); or unset "
+            "JAXMED_DISTRIBUTED for a one-process run") from None

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxmed import files
+from jaxmed import files, storage
 from jaxmed.data import read_chexpert_csv
 from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import ALL, CONDITIONS, LABELS
@@ -506,9 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
     try:
         clf = args.classifier
+        storage.check_url(args.out, "--out")  # metrics go to a folder or a storage URL
         if args.train_classifier:
             if clf:
                 raise ValueError("give --classifier or --train-classifier, not both")
+            storage.require_local(args.out, "--out with --train-classifier (it holds judge/)")
             judge = train_judge(args.train_classifier, valid_csv=args.train_valid,
                                 conditions=conditions, progress=not args.no_progress)
             clf = judge.save(os.path.join(args.out, "judge"))

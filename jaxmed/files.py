@@ -2,7 +2,9 @@
 
 Nothing half-written is ever taken for a checkpoint or a result (docs/STUDY.md is the
 spec; this is the house rule): every writer here writes a temporary file beside the target
-and renames it over the target, which POSIX makes atomic within one filesystem.
+and renames it over the target, which POSIX makes atomic within one filesystem. A target
+that is a storage URL (``gs://...``) is written to a local temporary file and uploaded
+with one object write, which the store publishes whole or not at all (`jaxmed.storage`).
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
+
+from jaxmed import storage
 
 
 @contextlib.contextmanager
@@ -22,6 +27,10 @@ def atomic_path(path: str) -> Iterator[str]:
     carries the process id, so concurrent writers never share a temporary file. On error
     the temporary file is removed and ``path`` is left as it was.
     """
+    if storage.is_url(path):
+        with _uploaded(path) as tmp:
+            yield tmp
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(path))
@@ -32,6 +41,18 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _uploaded(url: str) -> Iterator[str]:
+    """A local temporary file (``url``'s extension), uploaded to ``url`` on success."""
+    fd, tmp = tempfile.mkstemp(prefix=".jaxmed-upload-", suffix=os.path.splitext(url)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        storage.upload(tmp, url)
+    finally:
+        os.remove(tmp)
 
 
 def atomic_write(path: str, data: str | bytes) -> str:

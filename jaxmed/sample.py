@@ -57,9 +57,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxmed import sharding
+from jaxmed import sharding, storage
 from jaxmed.checkpoint import load_for_sampling
-from jaxmed.cli import enable_compilation_cache
+from jaxmed.cli import enable_compilation_cache, start_distributed
 from jaxmed.data.combinations import (
     Combination,
     format_label,
@@ -88,7 +88,8 @@ MANIFEST = "synthesis.json"
 def png_ok(path: str, size: tuple[int, int] | None = None, mode: str | None = None) -> bool:
     """True when ``path`` decodes completely (and has the given (W, H) size and mode)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path)
+                        else path) as im:
             im.load()
             return (size is None or im.size == tuple(size)) and (mode is None or im.mode == mode)
     except Exception:  # noqa: BLE001 - any failure means "regenerate it"
@@ -176,7 +177,7 @@ def synthesize(
     rel = lambda i: f"{IMAGE_DIR}/{i:0{width}d}.png"  # noqa: E731
     captions = [c.caption(label_columns) for c in combos]
 
-    os.makedirs(os.path.join(out_dir, IMAGE_DIR), exist_ok=True)
+    storage.makedirs(os.path.join(out_dir, IMAGE_DIR))  # out_dir may be a storage URL
     manifest = {
         "model": model_id if model_id is not None else sd.path,
         "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
@@ -243,10 +244,10 @@ def synthesize(
 
 def _check_manifest(out_dir: str, manifest: dict) -> None:
     path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         return
     try:
-        with open(path) as f:
+        with storage.open_file(path) as f:
             old = json.load(f)
     except (OSError, ValueError):
         return  # unreadable: rewritten below; PNG checks still guard the images
@@ -357,9 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.label_columns:
             columns = tuple(c.strip() for c in args.label_columns.split(",") if c.strip())
         combos = read_combinations(args.combinations, columns) if args.combinations else None
+        storage.check_url(args.out, "--out")
         enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
-        if os.environ.get("JAXMED_DISTRIBUTED") == "1":
-            jax.distributed.initialize()
+        start_distributed()
 
         mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp, 1)
         sd, params = load_for_sampling(args.model, dtype=args.dtype)

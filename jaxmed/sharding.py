@@ -11,6 +11,7 @@ rules work from 1 CPU to a pod slice (e.g. SD's 4-channel conv_in on an 8-way fs
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -18,10 +19,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmed.strategies.base import flatten, unflatten
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -50,7 +53,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 (the remaining devices)."""
+    """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 (the remaining devices). The
+    devices are laid out for the interconnect (`device_grid`)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     n = len(devices)
@@ -69,8 +73,43 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
             f"{math.prod(sizes)} but {n} devices are available; set config.mesh so the "
             "product equals the device count (one axis may be -1)"
         )
-    arr = np.asarray(devices).reshape(sizes)
-    return Mesh(arr, MESH_AXES)
+    return Mesh(device_grid(devices, sizes), MESH_AXES)
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices ``devices`` span (their ``slice_index``; 1 where devices have
+    none: CPUs, GPUs, one slice)."""
+    return len({getattr(d, "slice_index", None) or 0 for d in devices})
+
+
+def device_grid(devices: Sequence[jax.Device], sizes: Sequence[int]) -> np.ndarray:
+    """``devices`` as an array of shape ``sizes`` (data, fsdp, tensor), laid out for the
+    interconnect: `mesh_utils.create_device_mesh` maps the axes onto the TPU torus so that
+    the last (most communicating) axes run between neighbouring chips. Devices spanning
+    several slices (multislice, joined by the slower data-centre network) get a hybrid mesh
+    in which only the data axis crosses slices: its gradient all-reduce is the one
+    collective per step, while fsdp gathers and tensor-parallel traffic stay inside a slice."""
+    devices = list(devices)
+    sizes = tuple(int(s) for s in sizes)
+    slices = num_slices(devices)
+    if slices > 1:
+        if sizes[0] % slices:
+            raise ValueError(
+                f"mesh: the {len(devices)} devices span {slices} TPU slices and only the data "
+                f"axis may cross slices, so data ({sizes[0]}) must be a multiple of {slices}; "
+                f"set config.mesh.data (or -1) accordingly")
+        return mesh_utils.create_hybrid_device_mesh(
+            (sizes[0] // slices, *sizes[1:]), (slices, 1, 1), devices,
+            allow_split_physical_axes=True)
+    try:
+        return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as err:
+        # mesh_utils knows the physical layouts of whole TPU slices (on CPUs and GPUs it
+        # reshapes, sorting GPUs by id); for device sets it cannot map onto the torus (a
+        # part of a slice, an odd chip count) the order of `devices` is as good a guess.
+        log.info("mesh: no interconnect-aware layout for %d %s devices as %s (%s); using "
+                 "their order", len(devices), devices[0].device_kind, sizes, err)
+        return np.asarray(devices).reshape(sizes)
 
 
 def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:

@@ -493,7 +493,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config, args = parse(argv, "python -m jaxmed.study", __doc__.split("\n\n")[0])
+        config, args = parse(argv, "python -m jaxmed.study", __doc__.split("\n\n")[0],
+                             url_workdir=False)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

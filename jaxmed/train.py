@@ -33,10 +33,10 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from jaxmed import sharding
+from jaxmed import sharding, storage
 from jaxmed.cache import LatentCache, TextCache, params_hash
 from jaxmed.checkpoint import Checkpointer, TrainState, abstract_like
-from jaxmed.cli import ConfigError, enable_compilation_cache, parse
+from jaxmed.cli import enable_compilation_cache, parse, start_distributed
 from jaxmed.data import Batches, Captioner, build_records, prefetch_to_device
 from jaxmed.diffusion.sampling import generate, make_sample_fn
 from jaxmed.files import atomic_write, save_image
@@ -217,8 +217,8 @@ class Trainer:
                  sd: StableDiffusion | None = None, params: dict | None = None,
                  records=None, devices=None):
         self.config = config
-        self.workdir = os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        self.workdir = storage.absolute(workdir)  # a gs:// URL stays one (jaxmed.storage)
+        storage.makedirs(self.workdir)
         self.is_main = jax.process_index() == 0
         self.strategy = build_strategy(config.strategy)
         if sd is None:
@@ -285,17 +285,18 @@ class Trainer:
         dataset generated on first use (the phantom, in the workdir) is then written once,
         and the others find it complete (or make their own copy on a folder they do not
         share)."""
+        wd = storage.local_twin(self.workdir)  # the phantom is written image by image
         if jax.process_count() == 1:
-            return build_records(self.config, self.workdir)
-        records = build_records(self.config, self.workdir) if self.is_main else None
+            return build_records(self.config, wd)
+        records = build_records(self.config, wd) if self.is_main else None
         multihost_utils.sync_global_devices("jaxmed.train records")
-        return records if self.is_main else build_records(self.config, self.workdir)
+        return records if self.is_main else build_records(self.config, wd)
 
     # -- caches (encode once, train many)
     def _setup_caches(self) -> None:
         c = self.config.cache
         use_lat, use_txt = cache_use(self.config, self.strategy)
-        cache_dir = c.dir or os.path.join(self.workdir, "cache")
+        cache_dir = c.dir or os.path.join(storage.local_twin(self.workdir), "cache")
         sd, d = self.sd, self.config.data
         dtype = self.config.model.dtype
         if use_lat:
@@ -529,15 +530,16 @@ class Trainer:
         if self.config.export.diffusers:
             params = self.exported_params()
             if self.is_main:
-                weights.save_pipeline(out, self.sd.configs, params, self.sd.scheduler_config,
-                                      self.sd.tokenizer)
+                with storage.staged_dir(out) as folder:  # a local folder, uploaded to a URL
+                    weights.save_pipeline(folder, self.sd.configs, params,
+                                          self.sd.scheduler_config, self.sd.tokenizer)
             del params
         if self.config.export.adapters and hasattr(self.strategy, "save_peft"):
             trainable = self.state.ema if self.state.ema is not None else self.state.trainable
             trainable = sharding.to_host(trainable)
             if self.is_main:
-                self.strategy.save_peft(trainable, os.path.join(out, "adapter"),
-                                        base_model=self.sd.path)
+                with storage.staged_dir(os.path.join(out, "adapter")) as folder:
+                    self.strategy.save_peft(trainable, folder, base_model=self.sd.path)
         if jax.process_count() > 1:  # the export is complete before any process goes on
             multihost_utils.sync_global_devices("jaxmed.train export written")
         return out
@@ -563,12 +565,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config, args = parse(argv, "python -m jaxmed.train", __doc__.split("\n\n")[0])
-    except ConfigError as err:
+        storage.require_local(config.cache.dir, "--config.cache.dir")  # before any loading
+        enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
+        start_distributed()
+    except ValueError as err:  # a ConfigError, or a cache.dir URL
         print(f"error: {err}", file=sys.stderr)
         return 2
-    enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
-    if os.environ.get("JAXMED_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
     train(config, args.workdir)
     return 0
 

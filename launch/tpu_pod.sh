@@ -55,8 +55,8 @@
 #                                [v2-alpha-tpuv5-lite]: v6e -> v2-alpha-tpuv6e, v5p ->
 #                                v2-alpha-tpuv5, v4 and older -> tpu-ubuntu2204-base
 #                                (`gcloud compute tpus tpu-vm versions list --zone $ZONE`).
-#   BUCKET                       gs://... for workdirs (only `bucket` reads it); mount it on
-#                                every worker and pass /mnt/runs/<run> as WORKDIR.
+#   BUCKET                       gs://... for workdirs (only `bucket` reads it): pass
+#                                $BUCKET/<run> as a train WORKDIR; study needs it mounted.
 #   REPO, BRANCH                 [https://github.com/jaxmed/jaxmed.git, main]
 #   REMOTE_DIR                   the checkout on each worker, relative to ~ [jaxmed]
 #   LOG_DIR                      logs and pid files on each worker, relative to ~ [jaxmed-logs]
@@ -74,14 +74,15 @@
 # Every worker runs the same program with JAXMED_DISTRIBUTED=1, which makes jaxmed call
 # jax.distributed.initialize(); the ('data', 'fsdp', 'tensor') mesh then spans every chip of
 # the slice and each host reads only its share of every batch. Storage: the workdir (config,
-# metrics, orbax checkpoints, export) must be one directory every worker sees: today the
-# bucket mounted at the same path on every worker with Cloud Storage FUSE (install gcsfuse
-# per Google's guide, then `exec gcsfuse --implicit-dirs BUCKET_NAME
-# /mnt/runs`, then WORKDIR=/mnt/runs/lora); gs:// URLs as WORKDIR are refused by jaxmed
-# until its gs:// path layer lands. The VM's service account needs write access to the bucket
-# (`create` asks for the cloud-platform scope; the project's default compute service account
-# has it through its role). The latent/text cache is per host on local disk:
-# --config.cache.dir=/tmp/jaxmed-cache. Data (CSV + images) must be at the same path on every
+# metrics, orbax checkpoints, export) must be one directory every worker sees: for train a
+# gs:// URL (WORKDIR=$BUCKET/lora; jaxmed writes it through etils epath and gcsfs, see
+# jaxmed/storage.py); for study the bucket mounted at the same path on every worker with
+# Cloud Storage FUSE (install gcsfuse per Google's guide, then `exec gcsfuse --implicit-dirs
+# BUCKET_NAME /mnt/runs`, then WORKDIR=/mnt/runs/s). The VM's service account needs write
+# access to the bucket (`create` asks for the cloud-platform scope; the project's default
+# compute service account has it through its role). The latent/text cache is per host on
+# local disk (with a gs:// workdir by default, under ~/.cache/jaxmed/runs; or
+# --config.cache.dir=/tmp/jaxmed-cache). Data (CSV + images) must be at the same path on every
 # worker (copy it to each, e.g. `exec gcloud storage cp -r gs://.../chexpert /tmp/`).
 # Relative paths are relative to ~/REMOTE_DIR on the workers.
 set -euo pipefail
@@ -194,7 +195,7 @@ launch() {
 
 warn_workdir() {
   case $1 in
-    gs://*) info "tpu_pod.sh: note: jaxmed does not take gs:// workdirs yet: mount the bucket on every worker (gcsfuse) and pass the mounted folder." ;;
+    gs://*) [[ $cmd != study ]] || info "tpu_pod.sh: note: jaxmed.study needs a mounted workdir: mount the bucket on every worker (gcsfuse) and pass the mounted folder." ;;
     *) info "tpu_pod.sh: note: on a multi-host slice every worker must see the same workdir $1 (a mounted bucket or a shared filesystem) for checkpoints." ;;
   esac
 }

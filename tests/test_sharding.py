@@ -1,4 +1,5 @@
-"""Activation sharding: `sharding.activation_sharding` makes `layers.constrain` act.
+"""Meshes laid out for the interconnect, and activation sharding:
+`sharding.activation_sharding` makes `layers.constrain` act.
 
 Without the context the layers' logical constraints are no-ops (flax needs both the rules
 and a mesh set with `jax.set_mesh`); inside it, a tiny UNet lowered on an 8-device
@@ -6,6 +7,12 @@ and a mesh set with `jax.set_mesh`); inside it, a tiny UNet lowered on an 8-devi
 axis, and computes the same output. Runs in a fresh interpreter on 8 simulated devices.
 """
 
+import importlib.util
+
+import numpy as np
+import pytest
+
+from jaxmed import plan_topologies, sharding
 from tests.helpers import run_on_8_cpu_devices
 
 SCRIPT = r"""
@@ -27,6 +34,9 @@ def constraints(text):
     return len(re.findall(r"@Sharding|sdy\.sharding_constraint", text))
 
 mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1)
+# CPU devices have no torus: the mesh keeps jax.devices()' order (process-major), which
+# the multi-process == one-process parity of tests/test_multiprocess.py relies on.
+assert (mesh.devices == np.asarray(jax.devices()).reshape(2, 4, 1)).all()
 outside = fwd.lower(params, sample).as_text()
 assert constraints(outside) == 0, "constraints outside the context"
 with sharding.activation_sharding(mesh):
@@ -50,3 +60,42 @@ print("OK", n)
 
 def test_activation_constraints_apply_inside_the_context():
     run_on_8_cpu_devices(SCRIPT)
+
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def _tpu_devices(name: str, slices: int) -> list:
+    """A TPU topology's devices (compile-only, no TPU attached), ``slices`` slices of it."""
+    from jax.experimental import topologies
+
+    topo = plan_topologies.get(name)
+    plan_topologies.prepare_environment(topo)
+    return list(topologies.get_topology_desc(
+        platform="tpu", topology_name=topo.topology, chip_config_name=topo.chip_config,
+        chips_per_host_bounds=topo.host_bounds, num_slices=slices, wrap=topo.wrap).devices)
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: no TPU topology devices")
+def test_mesh_follows_the_tpu_torus_and_only_data_crosses_slices():
+    devs = _tpu_devices("v5e-16", 1)  # a 4x4 grid of chips
+    ring = sharding.make_mesh(data=1, fsdp=16, tensor=1, devices=devs).devices.ravel()
+
+    def hops(order):
+        return [sum(abs(a - b) for a, b in zip(order[i].coords, order[(i + 1) % 16].coords))
+                for i in range(16)]
+    # The fsdp ring is laid on the chip grid: each chip's ring neighbour is a physical
+    # neighbour, the closing link included; the devices' own order jumps across the grid.
+    assert hops(ring) == [1] * 16, hops(ring)
+    assert max(hops(devs)) > 1
+    assert sorted(d.id for d in ring) == sorted(d.id for d in devs)
+
+    devs = _tpu_devices("v5e-8", 2)  # two slices of 8 chips
+    assert sharding.num_slices(devs) == 2
+    mesh = sharding.make_mesh(data=-1, fsdp=8, tensor=1, devices=devs)
+    assert mesh.shape == {"data": 2, "fsdp": 8, "tensor": 1}
+    # The data axis alone crosses the slice boundary: each data row is one whole slice.
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slice_of == np.arange(2)[:, None, None]).all(), slice_of
+    with pytest.raises(ValueError, match="span 2 TPU slices.*data"):
+        sharding.make_mesh(data=1, fsdp=16, tensor=1, devices=devs)

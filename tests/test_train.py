@@ -3,6 +3,7 @@ strategy over-fits, and bad input stops with a message that names the problem.""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -162,10 +163,18 @@ def test_unknown_config_key_is_an_error(capsys):
     assert "did you mean config.train.epochs" in capsys.readouterr().err
 
 
-def test_url_workdir_is_a_clear_error(capsys):
-    rc = train.main(["--config", "configs/finetune.py:lora", "--workdir", "gs://bucket/run"])
-    assert rc == 2
-    assert "URL workdirs are not supported yet" in capsys.readouterr().err
+def test_url_workdir_it_cannot_reach_is_a_clear_error(capsys):
+    # gs:// workdirs are taken (tests/test_storage.py); one the machine cannot reach, or a
+    # scheme epath has no storage for, is one line before anything loads.
+    args = ["--config", "configs/finetune.py:lora", "--workdir"]
+    assert train.main([*args, "ftp://host/run"]) == 2
+    assert "ftp:// is not a storage jaxmed can write to" in capsys.readouterr().err
+    assert train.main([*args, "/tmp/never", "--config.cache.dir=gs://b/cache"]) == 2
+    assert "--config.cache.dir gs://b/cache: this folder must be local" in (
+        capsys.readouterr().err)
+    if not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
+        assert train.main([*args, "gs://bucket/run"]) == 2
+        assert "needs the gcsfs package (pip install gcsfs)" in capsys.readouterr().err
 
 
 def test_csv_missing_label_column_is_named(tiny_sd_folder, tmp_path):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxmed import files
+from jaxmed import files, storage
 
 DASH = "—"
 
@@ -146,7 +146,7 @@ def metrics_markdown(result: Mapping) -> str:
 
 def write_metrics(result: Mapping, out_dir: str) -> dict:
     """metrics.json (everything), metrics.csv (a row per condition + all), metrics.md."""
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)  # may be a storage URL: files.* upload each file whole
     paths = {"json": write_json(os.path.join(out_dir, "metrics.json"), result)}
     rows = [[result["rows"][c].get(k) for k in COLUMNS] for c in result["conditions"]]
     paths["csv"] = files.atomic_write(os.path.join(out_dir, "metrics.csv"),
