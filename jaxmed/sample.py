@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxmed import sharding
+from jaxmed import processes, sharding
 from jaxmed.checkpoint import load_for_sampling
 from jaxmed.cli import enable_compilation_cache
 from jaxmed.data.combinations import (
@@ -61,7 +61,14 @@ from jaxmed.data.combinations import (
 )
 from jaxmed.data.labels import LABELS
 from jaxmed.diffusion.samplers import SAMPLERS
-from jaxmed.diffusion.sampling import check_size, empty_ids, generate, make_sample_fn, to_uint8
+from jaxmed.diffusion.sampling import (
+    check_size,
+    empty_ids,
+    generate,
+    make_sample_fn,
+    place_params,
+    to_uint8,
+)
 from jaxmed.files import atomic_write, save_image
 from jaxmed.images import grid
 from jaxmed.logging_utils import progress as progress_bar
@@ -133,6 +140,11 @@ def synthesize(
     `make_sample_fn`); None = each device's whole shard at once (faster on accelerators,
     equal across device counts only to ~1e-6). ``batch_size`` is rounded up to a multiple
     of the batch shards x ``micro_batch``.
+
+    Under several JAX processes every process calls it with the same arguments: each
+    samples its devices' share of every batch over ``mesh`` (default there: all global
+    devices, data parallel), process 0 decides which images are missing and alone writes
+    the files, and every process returns once the folder is complete.
     Returns a summary: total, generated, skipped, seconds, images_per_second, metadata path.
     """
     label_columns = tuple(label_columns)
@@ -141,6 +153,8 @@ def synthesize(
     elif combos and not isinstance(combos[0], Combination):
         combos = parse_combinations(list(combos), label_columns)
     combos = list(combos)
+    if mesh is None and jax.process_count() > 1:  # a local jit would sample all on each
+        mesh = sharding.make_mesh(-1, 1, 1)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     if batch_size < 1:
@@ -165,7 +179,6 @@ def synthesize(
     rel = lambda i: f"{IMAGE_DIR}/{i:0{width}d}.png"  # noqa: E731
     captions = [c.caption(label_columns) for c in combos]
 
-    os.makedirs(os.path.join(out_dir, IMAGE_DIR), exist_ok=True)
     manifest = {
         "model": model_id if model_id is not None else sd.path,
         "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
@@ -174,26 +187,35 @@ def synthesize(
         "label_columns": list(label_columns),
         "combinations": [[format_label(v) for v in c.labels] + [c.count] for c in combos],
     }
-    _check_manifest(out_dir, manifest)
-    atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
 
-    with ThreadPoolExecutor(8) as pool:  # decoding releases the GIL
-        done = list(pool.map(lambda e: png_ok(os.path.join(out_dir, rel(e[0])), (res, res),
-                                                mode), entries))
-    pending = [e for e, ok in zip(entries, done) if not ok]
+    def missing() -> str:  # on process 0: the images still to make, as a packed bit mask
+        os.makedirs(os.path.join(out_dir, IMAGE_DIR), exist_ok=True)
+        _check_manifest(out_dir, manifest)
+        atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+        with ThreadPoolExecutor(8) as pool:  # decoding releases the GIL
+            done = list(pool.map(lambda e: png_ok(os.path.join(out_dir, rel(e[0])),
+                                                    (res, res), mode), entries))
+        return np.packbits(~np.asarray(done, bool)).tobytes().hex()
+
+    # Several processes: every one samples every batch (its devices' share of the global
+    # mesh), so all must agree on what is missing: process 0 looks, the others follow.
+    todo = np.unpackbits(np.frombuffer(bytes.fromhex(processes.on_main(
+        f"synthesize {out_dir}: missing images", missing)), np.uint8), count=total)
+    is_main = processes.is_main()
+    pending = [e for e, t in zip(entries, todo) if t]
     skipped = total - len(pending)
     t0 = time.perf_counter()
     if pending:
         fn = _cached_sample_fn(sd, sampler, int(steps), float(guidance), res, res, int(seed),
                                float(eta), mesh, micro_batch)
         if mesh is not None:
-            params = jax.device_put(params, sharding.replicated(mesh))
+            params = place_params(params, sharding.replicated(mesh))
         tokens = {}
         for k in sorted({k for _, k in pending}):
             tokens.setdefault(captions[k], np.asarray(sd.tokenize([captions[k]]))[0])
         uncond = empty_ids(sd, batch_size, negative_prompt)
         bar = progress_bar(total=total, initial=skipped, desc="synthesize", unit="img",
-                           enabled=progress)
+                           enabled=progress and is_main)
 
         def launch(chunk):
             chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # pad: one shape
@@ -202,7 +224,9 @@ def synthesize(
             return fn(params, cond, uncond, ids if mesh is not None else jnp.asarray(ids))
 
         def save(chunk, images):
-            arr = to_uint8(images)
+            arr = to_uint8(images)  # several processes: a gather they all join
+            if not is_main:
+                return
             for (i, _), img in zip(chunk, arr):
                 im = Image.fromarray(img)
                 save_image(im.convert("L") if grayscale else im, os.path.join(out_dir, rel(i)))
@@ -223,7 +247,9 @@ def synthesize(
     seconds = time.perf_counter() - t0
 
     meta = os.path.join(out_dir, "metadata.csv")
-    _write_metadata(meta, entries, combos, captions, label_columns, rel, seed)
+    # The others return once the folder is complete (a caller may read it next).
+    processes.on_main(f"synthesize {out_dir}: metadata", lambda: _write_metadata(
+        meta, entries, combos, captions, label_columns, rel, seed))
     return {"total": total, "generated": len(pending), "skipped": skipped,
             "seconds": round(seconds, 3),
             "images_per_second": round(len(pending) / seconds, 4) if pending else 0.0,
@@ -316,8 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             columns = tuple(c.strip() for c in args.label_columns.split(",") if c.strip())
         combos = read_combinations(args.combinations, columns) if args.combinations else None
         enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
-        if os.environ.get("JAXMED_DISTRIBUTED") == "1":
-            jax.distributed.initialize()
+        processes.initialize()  # $JAXMED_DISTRIBUTED=1: one of several processes
 
         mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp, 1)
         sd, params = load_for_sampling(args.model, dtype=args.dtype)
@@ -331,13 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 label_columns=columns, negative_prompt=args.negative_prompt, eta=args.eta,
                 model_id=os.path.abspath(args.model) if os.path.exists(args.model)
                 else args.model)
+            if not processes.is_main():
+                return 0
             print(f"[jaxmed.sample] {summary['total']} images in {args.out} "
                   f"({summary['generated']} generated, {summary['skipped']} already there; "
                   f"{summary['images_per_second']} img/s); metadata {summary['metadata']}",
                   flush=True)
             return 0
         prompts = [p for p in args.prompt for _ in range(args.num)]
-        params = jax.device_put(params, sharding.replicated(mesh))
+        params = place_params(params, sharding.replicated(mesh))
         fn = make_sample_fn(sd, sampler=args.sampler, num_steps=args.steps,
                             guidance_scale=args.guidance, height=args.resolution,
                             seed=args.seed, eta=args.eta, mesh=mesh,
@@ -349,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.grayscale:
             images = np.asarray([np.asarray(Image.fromarray(im).convert("L"))[..., None]
                                  for im in images])
+        if not processes.is_main():  # every process sampled its share; process 0 writes
+            return 0
         out = args.out if args.out.lower().endswith(".png") else args.out + ".png"
         sheet = grid(images, prompts, cols=args.num if len(args.prompt) > 1 else None)
         save_image(sheet, out)
