@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from jaxmed import sharding
+from jaxmed import processes, sharding
 from jaxmed.cache import LatentCache, TextCache, params_hash
 from jaxmed.checkpoint import Checkpointer, TrainState, abstract_like
 from jaxmed.cli import ConfigError, enable_compilation_cache, parse
@@ -567,8 +567,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
-    if os.environ.get("JAXMED_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+    processes.initialize()  # $JAXMED_DISTRIBUTED=1: one of several processes
     train(config, args.workdir)
     return 0
 
