@@ -280,8 +280,9 @@ class Study:
         trainer = train.Trainer(cfg, wd, sd=sd, params=params)
         summary = trainer.run()
         tuned = trainer.exported_params()
-        if summary.get("resumed_from", 0) == 0 and processes.is_main():
-            report.write_json(os.path.join(wd, "first_summary.json"), summary)
+        if summary.get("resumed_from", 0) == 0:
+            if processes.is_main():
+                report.write_json(os.path.join(wd, "first_summary.json"), summary)
         else:  # a resumed run: its train time is only the remainder
             summary["note"] = f"resumed from step {summary['resumed_from']}"
         del trainer
