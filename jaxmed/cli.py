@@ -206,8 +206,8 @@ def start_distributed() -> None:
     ``JAX_COORDINATOR_ADDRESS=host:port`` (process 0's machine, the same on every process),
     ``JAXMED_NUM_PROCESSES`` and ``JAXMED_PROCESS_ID`` (0 .. N-1, a different one per
     process). Raises ConfigError (one line: what to set) when they are missing or wrong."""
-    if os.environ.get("JAXMED_DISTRIBUTED") != "1":
-        return
+    if os.environ.get("JAXMED_DISTRIBUTED") != "1" or jax.distributed.is_initialized():
+        return  # a one-process run, or a caller (a test, a notebook) joined already
     kwargs = {}
     for key, env in (("num_processes", "JAXMED_NUM_PROCESSES"),
                      ("process_id", "JAXMED_PROCESS_ID")):

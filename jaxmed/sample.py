@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxmed import sharding, storage
+from jaxmed import processes, sharding, storage
 from jaxmed.checkpoint import load_for_sampling
 from jaxmed.cli import enable_compilation_cache, start_distributed
 from jaxmed.data.combinations import (
@@ -68,7 +68,14 @@ from jaxmed.data.combinations import (
 )
 from jaxmed.data.labels import LABELS
 from jaxmed.diffusion.samplers import SAMPLERS
-from jaxmed.diffusion.sampling import check_size, empty_ids, generate, make_sample_fn, to_stored
+from jaxmed.diffusion.sampling import (
+    check_size,
+    empty_ids,
+    generate,
+    make_sample_fn,
+    place_params,
+    to_stored,
+)
 from jaxmed.files import atomic_write, save_image
 from jaxmed.images import grid
 from jaxmed.logging_utils import progress as progress_bar
@@ -143,6 +150,11 @@ def synthesize(
     equal across device counts only to ~1e-6). ``batch_size`` is rounded up to a multiple
     of the batch shards x ``micro_batch``.
     ``paired_noise``: image j of every row starts from the same noise (see the module doc).
+
+    Under several JAX processes every process calls it with the same arguments: each
+    samples its devices' share of every batch over ``mesh`` (default there: all global
+    devices, data parallel), process 0 decides which images are missing and alone writes
+    the files, and every process returns once the folder is complete.
     Returns a summary: total, generated, skipped, seconds, images_per_second, metadata path.
     """
     label_columns = tuple(label_columns)
@@ -151,6 +163,8 @@ def synthesize(
     elif combos and not isinstance(combos[0], Combination):
         combos = parse_combinations(list(combos), label_columns)
     combos = list(combos)
+    if mesh is None and jax.process_count() > 1:  # a local jit would sample all on each
+        mesh = sharding.make_mesh(-1, 1, 1)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     if batch_size < 1:
@@ -187,26 +201,35 @@ def synthesize(
         "label_columns": list(label_columns),
         "combinations": [[format_label(v) for v in c.labels] + [c.count] for c in combos],
     }
-    _check_manifest(out_dir, manifest)
-    atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
 
-    with ThreadPoolExecutor(8) as pool:  # decoding releases the GIL
-        done = list(pool.map(lambda e: png_ok(os.path.join(out_dir, rel(e[0])), (res, res),
-                                                mode), entries))
-    pending = [e for e, ok in zip(entries, done) if not ok]
+    def missing() -> str:  # on process 0: the images still to make, as a packed bit mask
+        os.makedirs(os.path.join(out_dir, IMAGE_DIR), exist_ok=True)
+        _check_manifest(out_dir, manifest)
+        atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+        with ThreadPoolExecutor(8) as pool:  # decoding releases the GIL
+            done = list(pool.map(lambda e: png_ok(os.path.join(out_dir, rel(e[0])),
+                                                    (res, res), mode), entries))
+        return np.packbits(~np.asarray(done, bool)).tobytes().hex()
+
+    # Several processes: every one samples every batch (its devices' share of the global
+    # mesh), so all must agree on what is missing: process 0 looks, the others follow.
+    todo = np.unpackbits(np.frombuffer(bytes.fromhex(processes.on_main(
+        f"synthesize {out_dir}: missing images", missing)), np.uint8), count=total)
+    is_main = processes.is_main()
+    pending = [e for e, t in zip(entries, todo) if t]
     skipped = total - len(pending)
     t0 = time.perf_counter()
     if pending:
         fn = _cached_sample_fn(sd, sampler, int(steps), float(guidance), res, res, int(seed),
                                float(eta), mesh, micro_batch)
         if mesh is not None:
-            params = jax.device_put(params, sharding.replicated(mesh))
+            params = place_params(params, sharding.replicated(mesh))
         tokens = {}
         for k in sorted({k for _, k in pending}):
             tokens.setdefault(captions[k], np.asarray(sd.tokenize([captions[k]]))[0])
         uncond = empty_ids(sd, batch_size, negative_prompt)
         bar = progress_bar(total=total, initial=skipped, desc="synthesize", unit="img",
-                           enabled=progress)
+                           enabled=progress and is_main)
 
         def launch(chunk):
             chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # pad: one shape
@@ -215,7 +238,9 @@ def synthesize(
             return fn(params, cond, uncond, ids if mesh is not None else jnp.asarray(ids))
 
         def save(chunk, images):
-            arr = to_stored(images, "grey" if grayscale else "rgb")
+            arr = to_stored(images, "grey" if grayscale else "rgb")  # several processes: a gather
+            if not is_main:
+                return
             for (i, _), img in zip(chunk, arr):
                 save_image(Image.fromarray(img), os.path.join(out_dir, rel(i)))
             bar.update(len(chunk))
@@ -235,7 +260,9 @@ def synthesize(
     seconds = time.perf_counter() - t0
 
     meta = os.path.join(out_dir, "metadata.csv")
-    _write_metadata(meta, entries, combos, captions, label_columns, rel, seed, noise_ids)
+    # The others return once the folder is complete (a caller may read it next).
+    processes.on_main(f"synthesize {out_dir}: metadata", lambda: _write_metadata(
+        meta, entries, combos, captions, label_columns, rel, seed, noise_ids))
     return {"total": total, "generated": len(pending), "skipped": skipped,
             "seconds": round(seconds, 3),
             "images_per_second": round(len(pending) / seconds, 4) if pending else 0.0,
@@ -284,7 +311,7 @@ def prompt_grid(sd: StableDiffusion, params: dict, prompts: Sequence[str], out: 
     in order, so a prompt's images do not depend on the batch size."""
     prompts = [p for p in prompts for _ in range(num)]
     mesh = mesh if mesh is not None else sharding.make_mesh()
-    params = jax.device_put(params, sharding.replicated(mesh))
+    params = place_params(params, sharding.replicated(mesh))  # one or several processes
     fn = make_sample_fn(sd, sampler=sampler, num_steps=steps, guidance_scale=guidance,
                         height=resolution, seed=seed, eta=eta, mesh=mesh,
                         micro_batch=micro_batch)
@@ -295,7 +322,8 @@ def prompt_grid(sd: StableDiffusion, params: dict, prompts: Sequence[str], out: 
     if grayscale:
         images = to_stored(images.astype(np.float32) / 255.0, "grey")[..., None]
     out = out if out.lower().endswith(".png") else out + ".png"
-    save_image(grid(images, prompts, cols=num if len(prompts) > num else None), out)
+    if processes.is_main():  # every process sampled its share; process 0 writes
+        save_image(grid(images, prompts, cols=num if len(prompts) > num else None), out)
     return out
 
 
@@ -375,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 paired_noise=args.paired_noise,
                 model_id=os.path.abspath(args.model) if os.path.exists(args.model)
                 else args.model)
+            if not processes.is_main():
+                return 0
             print(f"[jaxmed.sample] {summary['total']} images in {args.out} "
                   f"({summary['generated']} generated, {summary['skipped']} already there; "
                   f"{summary['images_per_second']} img/s); metadata {summary['metadata']}",
@@ -386,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             eta=args.eta, resolution=args.resolution, mesh=mesh,
             micro_batch=args.micro_batch or None, negative_prompt=args.negative_prompt,
             grayscale=args.grayscale)
-        print(f"[jaxmed.sample] {len(args.prompt) * args.num} images -> {out}", flush=True)
+        if processes.is_main():
+            print(f"[jaxmed.sample] {len(args.prompt) * args.num} images -> {out}", flush=True)
         return 0
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

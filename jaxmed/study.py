@@ -53,8 +53,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmed import files, images, strategies, train
-from jaxmed.cli import ConfigError, enable_compilation_cache, load_config, parse, set_override
+from jaxmed import files, images, processes, sharding, strategies, study_peers, train
+from jaxmed.cli import (
+    ConfigError,
+    enable_compilation_cache,
+    load_config,
+    parse,
+    set_override,
+    start_distributed,
+)
 from jaxmed.data import phantom
 from jaxmed.data.labels import ALL, CONDITIONS
 from jaxmed.diffusion.sampling import check_color
@@ -276,23 +283,23 @@ class Study:
         wd = self.path(name, "train")
         summary_path = os.path.join(wd, "summary.json")
         export = os.path.join(wd, "export")
-        if os.path.isfile(summary_path) and os.path.isfile(
-                os.path.join(export, "model_index.json")):
-            summary = report.read_json(summary_path)
-            want = cfg.train.max_steps
-            if want <= 0 or summary.get("steps") == want:
-                self.stage(f"{name}: reusing the finished fine-tuning run in {wd}")
-                _, tuned = StableDiffusion.load(export, dtype=cfg.model.dtype)
-                first = os.path.join(wd, "first_summary.json")
-                if os.path.isfile(first):
-                    summary = report.read_json(first)
-                return tuned, summary
+        want = cfg.train.max_steps
+        # Process 0 decides for all: the others fine-tune with it or load the same export.
+        if processes.on_main(f"study {name}: reuse the fine-tuning run", lambda: (
+                os.path.isfile(summary_path)
+                and os.path.isfile(os.path.join(export, "model_index.json"))
+                and (want <= 0 or report.read_json(summary_path).get("steps") == want))):
+            self.stage(f"{name}: reusing the finished fine-tuning run in {wd}")
+            _, tuned = StableDiffusion.load(export, dtype=cfg.model.dtype)
+            first = os.path.join(wd, "first_summary.json")
+            return tuned, report.read_json(first if os.path.isfile(first) else summary_path)
         self.stage(f"{name}: fine-tuning ({_lr_text(cfg.strategy)})")
         trainer = train.Trainer(cfg, wd, sd=sd, params=params)
         summary = trainer.run()
         tuned = trainer.exported_params()
         if summary.get("resumed_from", 0) == 0:
-            report.write_json(os.path.join(wd, "first_summary.json"), summary)
+            if processes.is_main():
+                report.write_json(os.path.join(wd, "first_summary.json"), summary)
         else:  # a resumed run: its train time is only the remainder
             summary["note"] = f"resumed from step {summary['resumed_from']}"
         del trainer
@@ -319,6 +326,7 @@ class Study:
         return self._evaluator
 
     def run_model(self, name: str, judge) -> dict:
+        processes.on_main(study_peers.start(name))  # the other processes join from here
         d = self.path(name)
         os.makedirs(d, exist_ok=True)
         times, t = {}, time.perf_counter()
@@ -330,18 +338,8 @@ class Study:
             params, summary = self.train_model(name)
         times["train"] = round(time.perf_counter() - t, 1)
 
-        s = self.config.synth
         t = time.perf_counter()
-        n = int(s.per_condition) * len(self.conditions)
-        self.stage(f"{name}: synthesising {n} images ({s.sampler}, {s.steps} steps, guidance "
-                   f"{s.guidance}, seed {s.seed})")
-        syn = synthesize(sd, params, self.combinations(), os.path.join(d, "synth"),
-                         batch_size=int(s.batch_size), sampler=s.sampler, steps=int(s.steps),
-                         guidance=float(s.guidance), seed=int(s.seed),
-                         resolution=int(self.config.data.resolution),
-                         micro_batch=int(s.micro_batch) or None, progress=self.progress,
-                         model_id=name, grayscale=check_color(s.color) == "grey",
-                         paired_noise=True)
+        syn = self.synthesize_model(name, params)
         times["synthesis"] = round(time.perf_counter() - t, 1)
         self.sample_grid(name)
 
@@ -369,6 +367,21 @@ class Study:
                    f"{report.fmt(ov.get('vendi_domain'))}, alignment AUROC "
                    f"{report.fmt(ov.get('align_auroc'))}")
         return report.clean(done)
+
+    def synthesize_model(self, name: str, params) -> dict:
+        """``name``'s synthetic set, data parallel over every device (of every process:
+        under several processes each calls it; process 0 writes)."""
+        s = self.config.synth
+        n = int(s.per_condition) * len(self.conditions)
+        self.stage(f"{name}: synthesising {n} images ({s.sampler}, {s.steps} steps, guidance "
+                   f"{s.guidance}, seed {s.seed})")
+        combos = processes.on_main(f"study {name}: combinations", self.combinations)
+        return synthesize(self.base_model()[0], params, combos, self.path(name, "synth"),
+                          batch_size=int(s.batch_size), sampler=s.sampler, steps=int(s.steps),
+                          guidance=float(s.guidance), seed=int(s.seed),
+                          resolution=int(self.config.data.resolution),
+                          mesh=sharding.make_mesh(-1, 1, 1), progress=self.progress,
+                          micro_batch=int(s.micro_batch) or None, model_id=name)
 
     def synthetic_regimes(self, name: str, synth_dir: str) -> list[dict]:
         r = self.config.regimes
@@ -430,11 +443,14 @@ class Study:
     def run(self) -> dict:
         c = self.config
         models = self.models()
+        if not processes.is_main():  # several processes: the others join the global phases
+            return study_peers.run_peer(self)
         self.stage(f"study preset {c.preset!r} in {self.workdir}: {len(models)} models "
                    f"({', '.join(models)})")
         report.write_json(self.path("study_config.json"), c.to_dict())
         self.prepare_data()
-        todo = [m for m in models if not os.path.isfile(self.path(m, "done.json"))]
+        todo = processes.on_main(study_peers.PLAN, lambda: [
+            m for m in models if not os.path.isfile(self.path(m, "done.json"))])
         for m in models:
             if m not in todo:
                 self.stage(f"{m}: finished earlier (done.json), skipped")
@@ -453,7 +469,8 @@ class Study:
             results[m] = self.run_model(m, judge)
         self.stage("writing results.csv, results.md, plots")
         self.log_invocation(todo)
-        out = write_results(self, results, real_rows, judge)
+        out = processes.on_main(study_peers.RESULTS, lambda: write_results(
+            self, results, real_rows, judge))
         self.stage(f"finished: {out['md']}")
         return out
 
@@ -487,7 +504,8 @@ def _loadavg() -> list[float] | None:
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    return Study(config, workdir).run()
+    with processes.abort_peers_on_error():  # several processes: none waits on a failed 0
+        return Study(config, workdir).run()
 
 
 def main(argv=None) -> int:
@@ -495,13 +513,14 @@ def main(argv=None) -> int:
     try:
         config, args = parse(argv, "python -m jaxmed.study", __doc__.split("\n\n")[0],
                              url_workdir=False)
+        enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
+        start_distributed()  # $JAXMED_DISTRIBUTED=1: one of several processes
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    enable_compilation_cache()
     try:
         out = run_study(config, args.workdir)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, processes.PeerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in out.items() if k != "findings"}, indent=1), flush=True)

@@ -211,7 +211,7 @@ def make_sample_fn(
         if pad:  # repeat the last image; the padding is computed and dropped
             args = [xp.concatenate([a, xp.repeat(a[-1:], pad, axis=0)]) for a in args]
         if mesh is not None:
-            params = jax.device_put(params, p_sh)
+            params = place_params(params, p_sh)
             args = [sharding.put(a, batch_sh[a.ndim]) for a in args]
             with sharding.activation_sharding(mesh):
                 out = jitted(params, *args)
@@ -222,6 +222,20 @@ def make_sample_fn(
     call.jitted, call.replicas, call.micro_batch, call.mesh = jitted, replicas, micro_batch, mesh
     call.height, call.width = height, width
     return call
+
+
+def place_params(params: Any, shardings: Any) -> Any:
+    """``params`` laid out by ``shardings`` (one sharding or a matching tree): host arrays
+    are placed shard by shard (`sharding.put`: each process supplies its own shards), jax
+    Arrays resharded; leaves already laid out so are kept as they are."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree_util.tree_map(lambda _: shardings, params)
+
+    def one(x, sh):
+        if isinstance(x, jax.Array):
+            return x if x.sharding == sh else jax.device_put(x, sh)
+        return sharding.put(x, sh)
+    return jax.tree_util.tree_map(one, params, shardings)
 
 
 @functools.lru_cache(maxsize=8)
@@ -252,6 +266,10 @@ def generate(
 
 
 def to_uint8(images) -> np.ndarray:
+    """[0, 1] images -> uint8 on the host. Images spread over several processes (sampled
+    over a mesh spanning them) are gathered first: every process must call it then."""
+    if isinstance(images, jax.Array) and not images.is_fully_addressable:
+        images = sharding.to_host(images)
     return np.asarray(np.round(np.asarray(images, np.float32) * 255.0), np.uint8)
 
 
