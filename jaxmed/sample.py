@@ -52,7 +52,7 @@ from PIL import Image
 
 from jaxmed import sharding
 from jaxmed.checkpoint import load_for_sampling
-from jaxmed.cli import enable_compilation_cache
+from jaxmed.cli import enable_compilation_cache, setup_logging
 from jaxmed.data.combinations import (
     Combination,
     format_label,
@@ -301,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     ap = _parser()
     args = ap.parse_args(argv)
     try:

@@ -51,8 +51,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmed import files, images, strategies, train
-from jaxmed.cli import ConfigError, enable_compilation_cache, load_config, parse, set_override
+from jaxmed import cli, files, images, strategies, train
+from jaxmed.cli import enable_compilation_cache, load_config, parse, set_override
 from jaxmed.data import phantom
 from jaxmed.data.labels import ALL, CONDITIONS
 from jaxmed.eval import report, tables
@@ -552,18 +552,14 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config, args = parse(argv, "python -m jaxmed.study", __doc__.split("\n\n")[0])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli.main_guard(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    cli.setup_logging(logging.WARNING)
+    config, args = parse(argv, "python -m jaxmed.study", __doc__.split("\n\n")[0])
     enable_compilation_cache()
-    try:
-        out = run_study(config, args.workdir)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = run_study(config, args.workdir)
     print(json.dumps({k: v for k, v in out.items() if k != "findings"}, indent=1), flush=True)
     return 0
 
