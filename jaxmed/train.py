@@ -48,7 +48,12 @@ from jaxmed.models.sd import StableDiffusion
 from jaxmed.optim import Optimizer, make_optimizer
 from jaxmed.strategies import build_strategy, count
 from jaxmed.strategies.base import Strategy
-from jaxmed.train_data import MODEL_INPUTS, TrainInputs, cache_use  # noqa: F401 - cache_use: public
+from jaxmed.train_data import (  # noqa: F401 - cache_use: public here
+    MODEL_INPUTS,
+    TrainInputs,
+    cache_use,
+    read_records,
+)
 
 log = logging.getLogger("jaxmed.train")
 
@@ -204,6 +209,9 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
         self.is_main = jax.process_index() == 0
         self.strategy = build_strategy(config.strategy)
+        # The data first: a wrong path fails before a large model is read.
+        if records is None:
+            records = read_records(config, self.workdir, self.is_main)
         if sd is None:
             sd, params = StableDiffusion.load(
                 config.model.path, dtype=config.model.dtype, remat=config.model.remat,

@@ -98,8 +98,8 @@ def test_killed_build_is_never_used(tmp_path):
     records = read_chexpert_csv(csv)
     cache = _build(tmp_path / "cache", records)
     # every file renamed into place, nothing temporary left behind
-    assert sorted(os.listdir(cache.folder)) == ["logvar.npy", "mean.npy", "meta.json",
-                                                "valid.npy"]
+    assert sorted(os.listdir(cache.folder)) == ["done.npy", "logvar.npy", "mean.npy",
+                                                "meta.json", "valid.npy"]
     os.remove(os.path.join(cache.folder, "meta.json"))  # as if killed before completion
     with pytest.raises(FileNotFoundError):
         LatentCache(cache.folder)
@@ -130,3 +130,50 @@ def test_text_cache_holds_every_variant_and_rejects_others(tmp_path):
     assert len(calls) == n  # reused
     TextCache.build_or_load(str(tmp_path), "src.csv", captions, encode, ones, tokenize, "h2")
     assert len(calls) > n  # rebuilt for a changed text encoder
+
+
+def test_lazy_cache_encodes_what_is_read_and_keeps_it(tmp_path):
+    csv = write_chexpert_dataset(str(tmp_path / "data"), n=6, size=36)
+    records = read_chexpert_csv(csv)
+    full = np.asarray(_encode(1.0)({}, np.stack([records.load(i, 32) for i in range(6)]))[0])
+    lazy = LatentCache.build_or_load(
+        str(tmp_path / "cache"), records, _encode(1.0), {}, params_hash({"s": np.float32(1)}),
+        resolution=32, batch_size=4, progress=False, workers=2, positions=[1, 4])
+    assert np.flatnonzero(lazy.done).tolist() == [1, 4]
+    np.testing.assert_allclose(lazy.get(np.array([4, 1]))["latent_mean"], full[[4, 1]],
+                               atol=1e-6)
+    np.testing.assert_allclose(lazy.get(np.array([5]))["latent_mean"], full[[5]], atol=1e-6)
+    assert lazy.num_encoded == 3  # 5 encoded when first read
+    # a later run reuses the entries (published in done.npy) and encodes only the rest
+    again = LatentCache.build_or_load(
+        str(tmp_path / "cache"), records, _encode(1.0), {}, params_hash({"s": np.float32(1)}),
+        resolution=32, batch_size=4, progress=False, workers=2, positions=[])
+    assert np.flatnonzero(again.done).tolist() == [1, 4, 5]
+    whole = _build(tmp_path / "cache", records)  # positions=None: the full pre-encode
+    assert whole.num_encoded == 6
+    np.testing.assert_allclose(whole.get(np.arange(6))["latent_mean"], full, atol=1e-6)
+
+
+def test_short_run_encodes_only_the_images_its_steps_read(tiny_sd_folder, tmp_path, capsys):
+    from jaxmed.data import Batches
+
+    csv = write_chexpert_dataset(str(tmp_path / "data"), n=200, size=32)
+    cache_dir = str(tmp_path / "cache")
+    c = make_config("lora", tiny_sd_folder, csv, **{
+        "train.max_steps": 3, "cache.dir": cache_dir, "log.every_steps": 1})
+    trainer = train.Trainer(c, str(tmp_path / "wd"))
+    assert trainer.latent_cache.num_encoded == 0  # nothing before the run knows its steps
+    summary = trainer.run()
+    batches = Batches(trainer.records, trainer.global_batch, seed=c.seed,
+                      process_index=0, process_count=1)
+    read = {int(p) for s in range(3) for p in batches.global_positions(0, s)}
+    assert len(read) == 3 * trainer.global_batch == 12
+    assert set(np.flatnonzero(trainer.latent_cache.done).tolist()) == read
+    # the summary's rate: every image of the run over the run's wall time
+    assert summary["images"] == 12
+    assert summary["images_per_second"] == pytest.approx(12 / summary["train_seconds"],
+                                                         rel=0.02)
+    assert "12 images in" in capsys.readouterr().out
+    # the full pre-encode, as an explicit step for long runs
+    c.cache.prefill = True
+    assert train.Trainer(c, str(tmp_path / "wd2")).latent_cache.num_encoded == 200

@@ -254,6 +254,7 @@ def read_chexpert_csv(
     path_regex: Sequence[tuple[str, str]] | tuple[str, str] = (),
     max_records: int | None = None,
     guess_layout: bool = True,
+    require_images: bool = False,
 ) -> Records:
     """Read a CheXpert-format CSV into `Records` (nothing is decoded).
 
@@ -270,6 +271,8 @@ def read_chexpert_csv(
       guess_layout: when none of the first images exists as given, try the CheXpert
         layouts (`jaxmed.data.layouts`) and fail naming what was tried; False joins the
         paths as given.
+      require_images: fail (naming the folders tried) when none of the first images
+        exists, rather than when an image is loaded (a training run sets it).
     """
     import pandas as pd
 
@@ -292,7 +295,7 @@ def read_chexpert_csv(
     root = os.path.dirname(os.path.abspath(csv_path)) if image_root is None else image_root
     rep, rx = _pairs(path_replace), _pairs(path_regex)
     rels = [rewrite_path(df["Path"].iat[r], rep, rx) for r in rows]
-    paths = resolve_paths(rels, root, csv_path) if guess_layout else [
-        os.path.join(root, p) for p in rels]
+    paths = resolve_paths(rels, root, csv_path, require=require_images) if guess_layout \
+        else [os.path.join(root, p) for p in rels]
     return Records(paths=paths, labels=labels[rows], rows=rows,
                    label_columns=tuple(label_columns), source=csv_path, image_root=root)

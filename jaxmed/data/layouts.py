@@ -64,11 +64,15 @@ def _apply(rel: str, root: str, drop: str, insert: str) -> str:
     return os.path.join(root, insert, rel) if insert else os.path.join(root, rel)
 
 
-def resolve_paths(rels: Sequence[str], root: str, source: str) -> list[str]:
+def resolve_paths(rels: Sequence[str], root: str, source: str, *,
+                  require: bool = False) -> list[str]:
     """Absolute image paths for the CSV's (rewritten) relative ``rels`` under ``root``,
-    guessing the CheXpert layout when none of the first records exists as given."""
+    guessing the CheXpert layout when none of the first records exists as given. When
+    nothing resolves: the paths as given, or with ``require`` a `UserError` naming what
+    was tried (a run that reads the images; a reader of labels alone needs no images)."""
+    as_given = [os.path.join(root, r) for r in rels]
     if not rels or os.path.isabs(rels[0]):
-        return [os.path.join(root, r) for r in rels]
+        return as_given
     probe = list(rels[:PROBE])
     tried = []
     for desc, drop, insert in _candidates(probe[0], root):
@@ -81,6 +85,8 @@ def resolve_paths(rels: Sequence[str], root: str, source: str) -> list[str]:
                             _apply(probe[0], root, drop, insert))
             return [_apply(r, root, drop, insert) for r in rels]
         tried.append(f"{_apply(probe[0], root, drop, insert)} ({desc})")
+    if not require:
+        return as_given
     raise UserError(
         f"{source}: none of the first {len(probe)} images exists under image_root {root} "
         f"(every image unreadable); for the first CSV path {probe[0]!r} tried: "

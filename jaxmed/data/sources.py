@@ -85,7 +85,7 @@ def build_records(config: ml_collections.ConfigDict, workdir: str,
                              "format) and usually --config.data.image_root=DIR")
         return read_records("chexpert", d.csv, d.image_root or None, uncertain=d.uncertain,
                             frontal_only=d.frontal_only, path_replace=rewrite,
-                            max_records=max_records)
+                            max_records=max_records, require_images=True)
     if d.kind == "folder":
         if not d.csv:
             raise ValueError("data.kind=folder needs --config.data.csv=PATH with a path column "
