@@ -149,7 +149,7 @@ def _encoder(encode, devices, batch_size: int):
 def _encode_positions(fn, params, bs: int, sh, records, positions: np.ndarray,
                       arrays: dict, valid: np.ndarray, *, resolution: int, resample: str,
                       on_bad_image: str, workers: int, pb, warn: BoundedWarnings,
-                      after_chunk=None) -> None:
+                      after_chunk=None, reasons: dict | None = None) -> None:
     """Encode the records at ``positions`` (ascending) into ``arrays`` (mean, logvar:
     (n, ...) memmaps), ``bs`` at a time; a bad image is skipped (valid[i] = False) or
     raised, per ``on_bad_image``. ``after_chunk(chunk)`` runs after each chunk's writes."""
@@ -160,6 +160,8 @@ def _encode_positions(fn, params, bs: int, sh, records, positions: np.ndarray,
             if on_bad_image == "error":
                 raise
             warn.warn("latent cache: skipping bad image: %s", err)
+            if reasons is not None:
+                reasons[int(i)] = err.reason
             valid[i] = False
             return None
 
@@ -215,6 +217,7 @@ class LatentCache:
         self.done = np.load(done) if os.path.exists(done) else np.ones(len(self.valid), bool)
         self._encoder = encoder
         self._lock = threading.Lock()
+        self.reasons: dict[int, str] = {}  # why an image was unreadable (this process saw)
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -258,13 +261,15 @@ class LatentCache:
             try:
                 _encode_positions(enc.fn, enc.params, enc.bs, enc.sh, enc.records, missing,
                                   arrays, self.valid, pb=pb, warn=enc.warn,
-                                  after_chunk=publish, **enc.opts)
+                                  after_chunk=publish, reasons=self.reasons, **enc.opts)
             finally:
                 publish()
                 pb.close()
                 arrays.clear()  # unmap
-            log.info("latent cache: encoded %d records (%d of %d now cached) in %s",
-                     len(missing), self.num_encoded, len(self), self.folder)
+            bad = int((~self.valid[missing]).sum())
+            log.info("latent cache: encoded %d records%s (%d of %d now cached) in %s",
+                     len(missing) - bad, f", {bad} unreadable" if bad else "",
+                     self.num_encoded, len(self), self.folder)
             return len(missing)
 
     def _save_masks(self) -> None:
@@ -279,7 +284,7 @@ class LatentCache:
             self.ensure([position])
         if self.valid[position]:
             return None
-        return "unreadable when the latent cache encoded it"
+        return self.reasons.get(int(position), "unreadable when the latent cache encoded it")
 
     def get(self, positions: np.ndarray) -> dict[str, np.ndarray]:
         pos = np.asarray(positions)

@@ -48,9 +48,11 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """One log format for every tool; replaces handlers a library installed at import
-    (which would print ``WARNING:jaxmed.cache:...`` in Python's default format)."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
+    """One log format for every tool: jaxmed's messages from ``level`` up, other libraries'
+    (jax, orbax) from WARNING. Replaces the handler a library installs at import, which
+    would print ``WARNING:jaxmed.cache:...`` in Python's default format."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, force=True)
+    logging.getLogger("jaxmed").setLevel(level)
 
 
 def main_guard(run: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
