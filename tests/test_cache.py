@@ -13,27 +13,47 @@ from PIL import Image
 
 from jaxmed import train
 from jaxmed.cache import LatentCache, TextCache, params_hash
-from jaxmed.data import read_chexpert_csv
+from jaxmed.data import Batches, read_chexpert_csv
 from jaxmed.strategies.base import flatten
 from tests.helpers import write_chexpert_dataset
 from tests.train_worker import config as make_config
 
 
+@pytest.fixture(scope="module")
+def csv200(tmp_path_factory):
+    return write_chexpert_dataset(str(tmp_path_factory.mktemp("data200")), n=200, size=32)
+
+
 @pytest.mark.parametrize("name", ["unet", "lora"])
-def test_cached_training_equals_encoding_on_the_fly(name, tiny_sd_folder, tiny_dataset,
-                                                    tmp_path):
+def test_cached_training_equals_encoding_on_the_fly(name, tiny_sd_folder, csv200, tmp_path,
+                                                    capsys):
     runs = {}
     for mode in ("off", "on"):
-        c = make_config(name, tiny_sd_folder, tiny_dataset, **{
+        c = make_config(name, tiny_sd_folder, csv200, **{
             "train.max_steps": 3, "cache.latents": mode, "cache.text": mode,
-            "data.caption_dropout": 0.25, "log.every_steps": 1})
+            "data.caption_dropout": 0.25, "log.every_steps": 1,
+            # unet: the full pre-encode asked for; lora: the images the 3 steps read
+            "cache.prefill": name == "unet"})
         trainer = train.Trainer(c, str(tmp_path / mode))
         assert (trainer.latent_cache is not None) == (mode == "on")
         assert (trainer.text_cache is not None) == (mode == "on")
-        trainer.run()
+        summary = trainer.run()
         with open(tmp_path / mode / "metrics.jsonl") as f:
             losses = [json.loads(line)["loss"] for line in f]
         runs[mode] = (losses, flatten(jax.device_get(trainer.state.trainable)))
+    # a 3-step run on a 200-image CSV encoded exactly the images its batches read
+    batches = Batches(trainer.records, trainer.global_batch, seed=c.seed, process_index=0,
+                      process_count=1)
+    read = {int(p) for s in range(3) for p in batches.global_positions(0, s)}
+    assert len(read) == 3 * trainer.global_batch == 12
+    encoded = set(np.flatnonzero(trainer.latent_cache.done).tolist())
+    assert encoded == (set(range(200)) if name == "unet" else read)
+    # the summary's rate: every image of the run over the run's wall time, said so
+    assert summary["images"] == 12
+    assert summary["images_per_second"] == pytest.approx(12 / summary["train_seconds"],
+                                                         rel=0.02)
+    out = capsys.readouterr().out
+    assert "12 images in" in out and "img/s over the whole run" in out
     (l_off, p_off), (l_on, p_on) = runs["off"], runs["on"]
     assert len(l_off) == 3
     np.testing.assert_allclose(l_on, l_off, atol=1e-6, rtol=0)
@@ -152,28 +172,3 @@ def test_lazy_cache_encodes_what_is_read_and_keeps_it(tmp_path):
     whole = _build(tmp_path / "cache", records)  # positions=None: the full pre-encode
     assert whole.num_encoded == 6
     np.testing.assert_allclose(whole.get(np.arange(6))["latent_mean"], full, atol=1e-6)
-
-
-def test_short_run_encodes_only_the_images_its_steps_read(tiny_sd_folder, tmp_path, capsys):
-    from jaxmed.data import Batches
-
-    csv = write_chexpert_dataset(str(tmp_path / "data"), n=200, size=32)
-    cache_dir = str(tmp_path / "cache")
-    c = make_config("lora", tiny_sd_folder, csv, **{
-        "train.max_steps": 3, "cache.dir": cache_dir, "log.every_steps": 1})
-    trainer = train.Trainer(c, str(tmp_path / "wd"))
-    assert trainer.latent_cache.num_encoded == 0  # nothing before the run knows its steps
-    summary = trainer.run()
-    batches = Batches(trainer.records, trainer.global_batch, seed=c.seed,
-                      process_index=0, process_count=1)
-    read = {int(p) for s in range(3) for p in batches.global_positions(0, s)}
-    assert len(read) == 3 * trainer.global_batch == 12
-    assert set(np.flatnonzero(trainer.latent_cache.done).tolist()) == read
-    # the summary's rate: every image of the run over the run's wall time
-    assert summary["images"] == 12
-    assert summary["images_per_second"] == pytest.approx(12 / summary["train_seconds"],
-                                                         rel=0.02)
-    assert "12 images in" in capsys.readouterr().out
-    # the full pre-encode, as an explicit step for long runs
-    c.cache.prefill = True
-    assert train.Trainer(c, str(tmp_path / "wd2")).latent_cache.num_encoded == 200
