@@ -65,8 +65,9 @@ class LineBar:
             self._last = now
             print(self._line(), file=self.file, flush=True)
 
-    def set_postfix(self, **kw) -> None:
-        self._postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
+    def set_postfix(self, ordered_dict: Mapping | None = None, **kw) -> None:
+        items = {**(ordered_dict or {}), **kw}
+        self._postfix = ", ".join(f"{k}={v}" for k, v in items.items())
 
     def set_description(self, desc: str = "", *a, **kw) -> None:
         self.desc = desc

@@ -2,10 +2,10 @@
 
 `TrainInputs` is built by `jaxmed.train.Trainer` once the model is loaded: it reads the
 configured records, opens the caches the strategy allows (`cache_use`), and makes the
-batches of a run from its data position. The latent cache is filled for the records the
-run's own steps read (docs/STUDY.md's recipe encodes every image at every step; jaxmed
-encodes each once, and only those a run uses unless ``cache.prefill``), so a short run
-starts at once on a large dataset.
+batches of a run from its data position. Frozen encoders are not rerun (docs/STUDY.md
+"Where jaxmed departs from the study"), and the latent cache is filled for the records the
+run's own steps read (all of them with ``cache.prefill``), so a short run starts at once
+on a large dataset.
 """
 
 from __future__ import annotations
