@@ -296,21 +296,23 @@ class Trainer:
     # -- the loop
     def run(self) -> dict:
         """Train to ``total_steps`` (resuming if a checkpoint exists), export, summarise."""
+        start = self.maybe_restore()
+        self._banner(start)
+        # Outside the run's mesh context: the latent cache encodes what the run reads on
+        # this process's own devices.
+        batches = self.make_batches(self.total_steps - start)
         # Every jitted function first called inside (the step, sampling, export) is traced
         # with the activations' logical sharding constraints in force.
         with sharding.activation_sharding(self.mesh):
-            return self._run()
+            return self._run(start, batches)
 
-    def _run(self) -> dict:
+    def _run(self, start: int, batches) -> dict:
         cfg = self.config
-        start = self.maybe_restore()
         writer = MetricWriter(self.workdir, tensorboard=cfg.log.tensorboard and self.is_main,
                               enabled=self.is_main)
         if self.is_main:
             atomic_write(os.path.join(self.workdir, "config.json"),
                          json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
-        self._banner(start)
-        batches = self.make_batches(self.total_steps - start)
         start_epoch, start_pos = self.data_position["epoch"], self.data_position["step"]
         self._throughput = tp = Throughput(self.global_batch, start)
         pending = None  # metrics of the previous step, read one step late (keeps dispatch async)
