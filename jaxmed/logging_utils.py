@@ -80,11 +80,12 @@ class LineBar:
 
 def progress(total: int | None = None, initial: int = 0, desc: str = "", enabled: bool = True,
              unit: str = "step"):
-    """A tqdm bar (step, postfix metrics, rate, ETA) on a terminal, periodic plain lines
-    (`LineBar`) when stderr is redirected to a file or pipe, or a silent stand-in."""
+    """A tqdm bar (step, postfix metrics, rate, ETA) on a terminal or in a notebook,
+    periodic plain lines (`LineBar`) when stderr is redirected to a file or pipe, or a
+    silent stand-in."""
     if not enabled:
         return _NullBar()
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() and "ipykernel" not in sys.modules:
         return LineBar(total, initial, desc, unit)
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                 file=sys.stderr, smoothing=0.1)
