@@ -35,7 +35,8 @@ def step_time(strategy: str, px: int, cache: str, steps: int, data_dir: str) -> 
     for k, v in {"model.path": f"random:tiny@{px}", "data.kind": "phantom",
                  "data.phantom_dir": data_dir, "data.phantom_patients": 40,
                  "data.resolution": px, "train.per_device_batch": 4, "optim.grad_accum": 1,
-                 "cache.latents": cache, "cache.text": cache, "log.progress": False,
+                 "cache.latents": cache, "cache.text": cache, "cache.prefill": True,
+                 "log.progress": False,
                  "log.sample_every_steps": -1, "log.tensorboard": False,
                  "export.diffusers": False, "export.adapters": False}.items():
         set_override(c, k, str(v))

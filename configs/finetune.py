@@ -85,7 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.kind = "phantom"  # phantom | chexpert | folder | tfds
     c.data.csv = ""  # chexpert / folder: the CSV
     c.data.image_root = ""  # prefix for the CSV's Path column
-    c.data.path_rewrite = ""  # "old=>new", e.g. "CheXpert-v1.0/=>CheXpert-v1.0_512x512/"
+    # "old=>new" (several separated by ";"), e.g. "CheXpert-v1.0/=>CheXpert-v1.0_512x512/";
+    # without one, the CheXpert folder layouts are guessed when the paths do not resolve
+    c.data.path_rewrite = ""
     c.data.frontal_only = True
     c.data.uncertain = "zeros"  # CheXpert -1 labels: zeros | ones | ignore
     c.data.resolution = resolution
@@ -150,4 +152,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.cache.latents = "auto"  # auto | on | off (auto: on when the VAE is frozen)
     c.cache.text = "auto"  # auto | on | off (auto: on when the text encoder is frozen)
     c.cache.dir = ""  # "" = <workdir>/cache; the study shares one across strategies
+    # False: encode (once) only the images this run's steps read, the rest when first read;
+    # True: encode every image before the first step (a long run; a folder shared by
+    # several processes is always filled whole)
+    c.cache.prefill = False
     return c

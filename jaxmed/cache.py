@@ -7,7 +7,11 @@ resolution and VAE, and reuses it wherever it is valid.
 * `LatentCache`: the VAE encoder's diagonal Gaussian — mean AND log-variance, not a sample —
   for every record, in memory-mapped ``.npy`` files (datasets larger than memory are fine).
   Training draws ``mean + std * eps`` from it each step with the same random stream as
-  encoding on the fly, so the objective is unchanged.
+  encoding on the fly, so the objective is unchanged. It fills lazily: a run encodes up
+  front the records its own steps will read (`LatentCache.ensure`; a 3-step smoke run
+  encodes 3 batches, not the dataset), any other record when first read, and ``done.npy``
+  marks which entries hold posteriors, so the next run reuses them and encodes only the
+  rest. ``build_or_load(positions=None)`` (``cache.prefill=true``) encodes every record.
 * `TextCache`: the text encoder's last hidden state for every distinct caption the data
   pipeline can produce (each template and the empty caption of caption dropout included).
 
@@ -24,17 +28,20 @@ files, and the others wait at a barrier until process 0 has published them. When
 is per host (local disk), each host builds its own copy with its local devices, with no
 cross-host traffic. A run whose workdir is a storage URL (``gs://``) keeps its caches per
 host by default (`jaxmed.storage.local_twin`); ``cache.dir`` itself must be a local or
-mounted folder, since the latents are memory-mapped.
+mounted folder, since the latents are memory-mapped. A folder shared by several
+processes is always filled whole (each process its share), as that needs no coordination
+of ``done.npy`` across hosts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,11 +54,14 @@ from jax.experimental import multihost_utils
 from jaxmed import storage
 from jaxmed.data.chexpert import BadImageError
 from jaxmed.files import atomic_path, write_json
+from jaxmed.logging_utils import BoundedWarnings
 from jaxmed.logging_utils import progress as bar
 from jaxmed.strategies.base import flatten
 
 log = logging.getLogger("jaxmed.cache")
 FORMAT = 1
+# How often a lazy fill publishes its progress (done.npy): a killed fill loses at most this.
+PERSIST_SECONDS = 5.0
 
 
 def params_hash(params: Any, config: Any = None) -> str:
@@ -140,32 +150,45 @@ def _encoder(encode, devices, batch_size: int):
     return jax.jit(encode, out_shardings=(sh, sh)), bs, sh
 
 
-def _encode_range(fn, params, bs: int, sh, records, start: int, stop: int, arrays: dict,
-                  valid: np.ndarray, *, resolution: int, resample: str, on_bad_image: str,
-                  workers: int, pb) -> None:
-    """Encode records [start, stop) into ``arrays`` (mean, logvar: (n, ...) memmaps); a bad
-    image is skipped (valid[i] = False) or raised, per ``on_bad_image``."""
+def _encode_positions(fn, params, bs: int, sh, records, positions: np.ndarray,
+                      arrays: dict, valid: np.ndarray, *, resolution: int, resample: str,
+                      on_bad_image: str, workers: int, pb, warn: BoundedWarnings,
+                      after_chunk=None, reasons: dict | None = None) -> None:
+    """Encode the records at ``positions`` (ascending) into ``arrays`` (mean, logvar:
+    (n, ...) memmaps), ``bs`` at a time; a bad image is skipped (valid[i] = False) or
+    raised, per ``on_bad_image``. ``after_chunk(chunk)`` runs after each chunk's writes."""
     def load(i):
         try:
             return records.load(i, resolution, resample)
         except BadImageError as err:
             if on_bad_image == "error":
                 raise
-            log.warning("latent cache: skipping bad image: %s", err)
+            warn.warn("latent cache: skipping bad image: %s", err)
+            if reasons is not None:
+                reasons[int(i)] = err.reason
             valid[i] = False
-            return np.zeros((resolution, resolution, 3), np.float32)
+            return None
 
     with ThreadPoolExecutor(workers) as pool:
-        for lo in range(start, stop, bs):
-            idx = list(range(lo, min(lo + bs, stop)))
-            imgs = np.stack(list(pool.map(load, idx)))
-            pad = bs - len(idx)
-            if pad:
-                imgs = np.concatenate([imgs, np.zeros((pad, *imgs.shape[1:]), imgs.dtype)])
+        for lo in range(0, len(positions), bs):
+            idx = np.asarray(positions[lo:lo + bs])
+            loaded = list(pool.map(load, idx))
+            if all(x is None for x in loaded):  # nothing readable: nothing to encode
+                pb.update(len(idx))
+                if after_chunk is not None:
+                    after_chunk(idx)
+                continue
+            shape = next(x.shape for x in loaded if x is not None)
+            imgs = np.zeros((bs, *shape), np.float32)
+            for j, x in enumerate(loaded):
+                if x is not None:
+                    imgs[j] = x
             mean, logvar = fn(params, jax.device_put(imgs, sh))
-            arrays["mean"][lo:lo + len(idx)] = np.asarray(mean)[:len(idx)]
-            arrays["logvar"][lo:lo + len(idx)] = np.asarray(logvar)[:len(idx)]
+            arrays["mean"][idx] = np.asarray(mean)[:len(idx)]
+            arrays["logvar"][idx] = np.asarray(logvar)[:len(idx)]
             pb.update(len(idx))
+            if after_chunk is not None:
+                after_chunk(idx)
 
 
 def _latent_shape(encode, params, bs: int, resolution: int) -> tuple[int, ...]:
@@ -173,10 +196,20 @@ def _latent_shape(encode, params, bs: int, resolution: int) -> tuple[int, ...]:
         (bs, resolution, resolution, 3), jnp.float32))[0].shape[1:]
 
 
-class LatentCache:
-    """VAE posteriors (mean, logvar) for every record, memory-mapped from disk."""
+class _Encoder:
+    """What a lazy cache needs to encode more records: the jitted encoder and its inputs."""
 
-    def __init__(self, folder: str):
+    def __init__(self, encode, params, devices, batch_size: int, records, opts: dict):
+        self.fn, self.bs, self.sh = _encoder(encode, devices, batch_size)
+        self.params, self.records, self.opts = params, records, opts
+        self.warn = BoundedWarnings(log, "bad images")
+
+
+class LatentCache:
+    """VAE posteriors (mean, logvar) for every record, memory-mapped from disk; entries not
+    encoded yet (``done`` False) are encoded when `ensure`d or first read."""
+
+    def __init__(self, folder: str, encoder: _Encoder | None = None):
         self.folder = folder
         self.meta = _read_meta(folder)
         if self.meta is None:
@@ -184,12 +217,83 @@ class LatentCache:
         self.mean = np.load(os.path.join(folder, "mean.npy"), mmap_mode="r")
         self.logvar = np.load(os.path.join(folder, "logvar.npy"), mmap_mode="r")
         self.valid = np.load(os.path.join(folder, "valid.npy"))
+        done = os.path.join(folder, "done.npy")  # absent: a cache filled whole
+        self.done = np.load(done) if os.path.exists(done) else np.ones(len(self.valid), bool)
+        self._encoder = encoder
+        self._lock = threading.Lock()
+        self.reasons: dict[int, str] = {}  # why an image was unreadable (this process saw)
 
     def __len__(self) -> int:
         return self.mean.shape[0]
 
+    @property
+    def num_encoded(self) -> int:
+        return int(self.done.sum())
+
+    def ensure(self, positions, *, progress: bool = False, desc: str = "") -> int:
+        """Encode the records at ``positions`` that are not in the cache yet (and publish
+        them: the arrays first, then ``valid.npy`` and ``done.npy``); returns how many."""
+        with self._lock:
+            pos = np.unique(np.asarray(positions, np.int64))
+            missing = pos[~self.done[pos]]
+            if not len(missing):
+                return 0
+            enc = self._encoder
+            if enc is None:
+                raise RuntimeError(f"{self.folder}: {len(missing)} records are not encoded "
+                                   "and this cache was opened without an encoder")
+            arrays = {k: np.load(os.path.join(self.folder, f"{k}.npy"), mmap_mode="r+")
+                      for k in ("mean", "logvar")}
+            pb = bar(total=len(missing), desc=desc or "encoding latents (once)",
+                     enabled=progress, unit="img")
+            last = [time.monotonic()]
+            pending: list[np.ndarray] = []
+
+            def publish(chunk=None):
+                if chunk is not None:
+                    pending.append(chunk)
+                    if time.monotonic() - last[0] < PERSIST_SECONDS:
+                        return
+                for a in arrays.values():
+                    a.flush()
+                for c in pending:
+                    self.done[c] = True
+                pending.clear()
+                self._save_masks()
+                last[0] = time.monotonic()
+
+            try:
+                _encode_positions(enc.fn, enc.params, enc.bs, enc.sh, enc.records, missing,
+                                  arrays, self.valid, pb=pb, warn=enc.warn,
+                                  after_chunk=publish, reasons=self.reasons, **enc.opts)
+            finally:
+                publish()
+                pb.close()
+                arrays.clear()  # unmap
+            bad = int((~self.valid[missing]).sum())
+            log.info("latent cache: encoded %d records%s (%d of %d now cached) in %s",
+                     len(missing) - bad, f", {bad} unreadable" if bad else "",
+                     self.num_encoded, len(self), self.folder)
+            return len(missing)
+
+    def _save_masks(self) -> None:
+        for k, a in (("valid", self.valid), ("done", self.done)):  # done last
+            with atomic_path(os.path.join(self.folder, f"{k}.npy")) as tmp:
+                np.save(tmp, a)
+
+    def unreadable(self, position: int) -> str | None:
+        """Why record ``position`` has no posterior (its image could not be read), or
+        None; encodes it first if needed."""
+        if not self.done[position]:
+            self.ensure([position])
+        if self.valid[position]:
+            return None
+        return self.reasons.get(int(position), "unreadable when the latent cache encoded it")
+
     def get(self, positions: np.ndarray) -> dict[str, np.ndarray]:
         pos = np.asarray(positions)
+        if not self.done[pos].all():
+            self.ensure(pos)
         order = np.argsort(pos)  # sorted reads are kinder to a memory map
         mean = np.empty((len(pos),) + self.mean.shape[1:], np.float32)
         logvar = np.empty_like(mean)
@@ -213,13 +317,17 @@ class LatentCache:
         workers: int = 4,
         devices: Sequence[jax.Device] | None = None,
         progress: bool = True,
+        positions: Sequence[int] | np.ndarray | None = None,
     ) -> LatentCache:
-        """The valid cache for ``records`` (built now if missing or stale).
+        """The valid cache for ``records`` (made now if missing or stale), with the records
+        at ``positions`` encoded (None: every record, the full pre-encode); any other
+        record is encoded when first read.
 
         ``encode(params, images (B, H, W, 3) in [-1, 1]) -> (mean, logvar)``: the VAE
         encoder, run jitted and sharded over ``devices`` (default: this process's local
         devices) with ``params`` as an argument: weights closed over would be baked into
         the compiled program as constants (slow to compile, a second copy in memory).
+        A folder every process sees is filled whole, whatever ``positions``.
         """
         storage.require_local(cache_dir, "cache.dir")
         folder = _folder_for(cache_dir, "latents", records.source)
@@ -232,33 +340,39 @@ class LatentCache:
                               progress, **opts)
             return cls(folder)
         reason = _stale_reason(_read_meta(folder), want)
+        enc = _Encoder(encode, params, devices, batch_size, records, opts)
         if reason is None:
-            log.info("latent cache: using %s", folder)
-            return cls(folder)
-        if os.path.isdir(folder):
-            log.info("latent cache at %s is stale (%s): rebuilding", folder, reason)
-            shutil.rmtree(folder)
+            try:
+                cache = cls(folder, enc)
+            except (OSError, ValueError) as err:  # a file gone or cut short
+                reason = f"unreadable: {err}"
+            else:
+                log.info("latent cache: using %s (%d of %d records encoded)", folder,
+                         cache.num_encoded, len(cache))
+        if reason is not None:
+            if os.path.isdir(folder):
+                log.info("latent cache at %s is stale (%s): rebuilding", folder, reason)
+                shutil.rmtree(folder)
+            cache = cls._create(folder, want, records, encode, params, enc)
+        todo = np.arange(len(records)) if positions is None else positions
+        cache.ensure(todo, progress=progress)
+        return cache
+
+    @classmethod
+    def _create(cls, folder, want, records, encode, params, enc: _Encoder) -> LatentCache:
+        """An empty cache (nothing encoded) for ``records``; meta.json is written last."""
         os.makedirs(folder)
-        fn, bs, sh = _encoder(encode, devices, batch_size)
         n = len(records)
-        shape = _latent_shape(encode, params, bs, resolution)
-        valid = np.ones(n, bool)
-        pb = bar(total=n, desc="encoding latents (once)", enabled=progress, unit="img")
-        # Both arrays are renamed into place when the with-block ends, after their last write.
-        with contextlib.ExitStack() as files:
-            arrays = {k: np.lib.format.open_memmap(
-                files.enter_context(atomic_path(os.path.join(folder, f"{k}.npy"))), mode="w+",
-                dtype=np.float32, shape=(n, *shape)) for k in ("mean", "logvar")}
-            _encode_range(fn, params, bs, sh, records, 0, n, arrays, valid, pb=pb, **opts)
-            for a in arrays.values():
-                a.flush()
-            del arrays
-        pb.close()
-        np.save(os.path.join(folder, "valid.npy"), valid)
-        _write_meta(folder, {**want, "count": n, "shape": list(shape),
-                             "skipped": int((~valid).sum())})
-        log.info("latent cache: wrote %d posteriors %s to %s", n, tuple(shape), folder)
-        return cls(folder)
+        shape = _latent_shape(encode, params, enc.bs, enc.opts["resolution"])
+        for k in ("mean", "logvar"):  # sparse on most filesystems until written
+            with atomic_path(os.path.join(folder, f"{k}.npy")) as tmp:
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                          shape=(n, *shape)).flush()
+        for k, a in (("valid", np.ones(n, bool)), ("done", np.zeros(n, bool))):
+            with atomic_path(os.path.join(folder, f"{k}.npy")) as tmp:
+                np.save(tmp, a)
+        _write_meta(folder, {**want, "count": n, "shape": list(shape)})
+        return cls(folder, enc)
 
     @staticmethod
     def _build_shared(folder, want, records, encode, params, devices, batch_size, progress,
@@ -301,7 +415,8 @@ class LatentCache:
         valid = np.load(parts["valid"], mmap_mode="r+")
         pb = bar(total=stop - start, desc="encoding latents (once, this process's share)",
                  enabled=progress, unit="img")
-        _encode_range(fn, params, bs, sh, records, start, stop, arrays, valid, pb=pb, **opts)
+        _encode_positions(fn, params, bs, sh, records, np.arange(start, stop), arrays, valid,
+                          pb=pb, warn=BoundedWarnings(log, "bad images"), **opts)
         pb.close()
         for a in (*arrays.values(), valid):
             a.flush()

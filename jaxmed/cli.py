@@ -5,6 +5,11 @@ overrides a field (the value is parsed as a Python literal and must fit the fiel
 The config is locked: an unknown key is an error that lists the valid keys at that level
 and the closest match, never a silently ignored typo. (The syntax is ml_collections'
 ``config_flags``; the parsing is ours so the errors can say what to do.)
+
+Every tool's ``main`` runs under `main_guard`: a user error (a config, a missing file,
+unreadable images, a bad CSV or bad weights) prints one ``error:`` line and exits 2;
+``--debug`` shows the traceback instead. Logging goes through `setup_logging`, one format
+for every tool.
 """
 
 from __future__ import annotations
@@ -17,18 +22,50 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 
 from jaxmed import storage
+from jaxmed.errors import UserError
 from jaxmed.hostmem import keep_freed_memory_on_cpu
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, override or value is invalid."""
+
+
+# What a user can fix: bad values (ConfigError, UserError and the readers' ValueErrors),
+# files that are missing or unreadable (MissingComponentError is a FileNotFoundError).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One log format for every tool: jaxmed's messages from ``level`` up, other libraries'
+    (jax, orbax) from WARNING. Replaces the handler a library installs at import, which
+    would print ``WARNING:jaxmed.cache:...`` in Python's default format."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, force=True)
+    logging.getLogger("jaxmed").setLevel(level)
+
+
+def main_guard(run: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
+    """``run(argv)`` with user errors as one ``error:`` line and exit status 2 (no
+    traceback); ``--debug`` anywhere in ``argv`` re-raises them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return run(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        msg = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -70,8 +107,8 @@ def set_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> N
             raise ConfigError(f"--config.{dotted}: {where} is a value, not a section")
         if key not in node:
             valid = sorted(node.keys())
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {where}.{close[0]}?" if close else ""
+            close = closest(key, valid)
+            hint = f"; did you mean {where}.{close}?" if close else ""
             raise ConfigError(
                 f"unknown config key --config.{dotted}: {where} has no field {key!r}{hint} "
                 f"Valid fields of {where}: {', '.join(valid)}"
@@ -80,6 +117,17 @@ def set_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> N
             _assign(node, key, _parse_value(text), dotted)
         else:
             node = node[key]
+
+
+def closest(key: str, valid: Sequence[str]) -> str | None:
+    """The valid name closest to a mistyped ``key`` (difflib), also matching a part of a
+    compound name: ``stepz`` -> ``max_steps``."""
+    def score(name: str) -> float:
+        parts = [name, *name.split("_")]
+        return max(difflib.SequenceMatcher(None, key.lower(), p.lower()).ratio()
+                   for p in parts if p)
+    best = max(valid, key=score, default=None)
+    return best if best is not None and score(best) >= 0.6 else None
 
 
 def _assign(node: ml_collections.ConfigDict, key: str, value: Any, dotted: str) -> None:
@@ -144,6 +192,8 @@ def parse(
                     help="config file and argument, e.g. configs/finetune.py:lora")
     ap.add_argument("--workdir", required=workdir_required,
                     help="where checkpoints, logs, samples and exports go")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the traceback of an error (read by main_guard)")
     for name, kw in extra:
         ap.add_argument(name, **kw)
     args = ap.parse_args(rest)

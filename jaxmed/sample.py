@@ -59,7 +59,7 @@ from PIL import Image
 
 from jaxmed import processes, sharding, storage
 from jaxmed.checkpoint import load_for_sampling
-from jaxmed.cli import enable_compilation_cache, start_distributed
+from jaxmed.cli import enable_compilation_cache, setup_logging, start_distributed
 from jaxmed.data.combinations import (
     Combination,
     format_label,
@@ -372,7 +372,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     ap = _parser()
     args = ap.parse_args(argv)
     try:

@@ -53,9 +53,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmed import files, images, processes, sharding, strategies, study_peers, train
+from jaxmed import cli, files, images, processes, sharding, strategies, study_peers, train
 from jaxmed.cli import (
-    ConfigError,
     enable_compilation_cache,
     load_config,
     parse,
@@ -509,18 +508,18 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config, args = parse(argv, "python -m jaxmed.study", __doc__.split("\n\n")[0],
-                             url_workdir=False)
-        enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
-        start_distributed()  # $JAXMED_DISTRIBUTED=1: one of several processes
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli.main_guard(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    cli.setup_logging(logging.WARNING)
+    config, args = parse(argv, "python -m jaxmed.study", __doc__.split("\n\n")[0],
+                         url_workdir=False)
+    enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
+    start_distributed()  # $JAXMED_DISTRIBUTED=1: one of several processes
     try:
         out = run_study(config, args.workdir)
-    except (ValueError, FileNotFoundError, processes.PeerError) as err:
+    except processes.PeerError as err:  # process 0 failed or went silent: its message
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in out.items() if k != "findings"}, indent=1), flush=True)

@@ -34,20 +34,32 @@ import optax
 from jax.experimental import multihost_utils
 
 from jaxmed import sharding, storage
-from jaxmed.cache import LatentCache, TextCache, params_hash
 from jaxmed.checkpoint import Checkpointer, TrainState, abstract_like
-from jaxmed.cli import enable_compilation_cache, parse, start_distributed
-from jaxmed.data import Batches, Captioner, build_records, prefetch_to_device
+from jaxmed.cli import (
+    enable_compilation_cache,
+    main_guard,
+    parse,
+    setup_logging,
+    start_distributed,
+)
+from jaxmed.data import prefetch_to_device
 from jaxmed.diffusion.sampling import generate, make_sample_fn
+from jaxmed.errors import UserError
 from jaxmed.files import atomic_write, save_image
 from jaxmed.images import grid
-from jaxmed.logging_utils import MetricWriter, progress
+from jaxmed.logging_utils import MetricWriter, Throughput, progress
 from jaxmed.losses import OBJECTIVES, autoencoder_loss, diffusion_loss
 from jaxmed.models import weights
 from jaxmed.models.sd import StableDiffusion
 from jaxmed.optim import Optimizer, make_optimizer
 from jaxmed.strategies import build_strategy, count
 from jaxmed.strategies.base import Strategy
+from jaxmed.train_data import (  # noqa: F401 - cache_use: public here
+    MODEL_INPUTS,
+    TrainInputs,
+    cache_use,
+    read_records,
+)
 
 log = logging.getLogger("jaxmed.train")
 
@@ -151,24 +163,6 @@ def make_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
 # Placement
 
 
-def cache_use(config: ml_collections.ConfigDict, strategy: Strategy) -> tuple[bool, bool]:
-    """(latent cache on, text cache on) for this config and strategy: ``auto`` caches what
-    the strategy keeps frozen; ``on`` for a component it trains is an error."""
-    c, trains = config.cache, strategy.trains
-    for key in ("latents", "text"):
-        if c[key] not in ("auto", "on", "off"):
-            raise ValueError(f"cache.{key}={c[key]!r}: choose auto, on or off")
-    if c.latents == "on" and "vae" in trains:
-        raise ValueError(f"cache.latents=on, but strategy {strategy.name!r} trains the "
-                         "VAE: its latents change every step (use auto or off)")
-    if c.text == "on" and "text_encoder" in trains:
-        raise ValueError(f"cache.text=on, but strategy {strategy.name!r} trains the "
-                         "text encoder (use auto or off)")
-    use_lat = c.latents == "on" or (c.latents == "auto" and "vae" not in trains)
-    use_txt = c.text == "on" or (c.text == "auto" and "text_encoder" not in trains)
-    return use_lat, use_txt
-
-
 def opt_state_shardings(tx: Optimizer, trainable: Any, mesh: jax.sharding.Mesh) -> Any:
     """Shardings for ``tx.init(trainable)`` (``trainable``: arrays or ShapeDtypeStructs
     with shardings): a leaf that mirrors a trainable leaf (Adam's moments: the same path
@@ -221,6 +215,11 @@ class Trainer:
         storage.makedirs(self.workdir)
         self.is_main = jax.process_index() == 0
         self.strategy = build_strategy(config.strategy)
+        # The data first: a wrong path fails before a large model is read. The phantom and
+        # the caches are written image by image: host-local beside a URL workdir.
+        local = storage.local_twin(self.workdir)
+        if records is None:
+            records = read_records(config, local, self.is_main)
         if sd is None:
             sd, params = StableDiffusion.load(
                 config.model.path, dtype=config.model.dtype, remat=config.model.remat,
@@ -231,7 +230,6 @@ class Trainer:
                                        devices=devices)
         specs = sharding.param_specs(sd.abstract_variables(), self.mesh)
         params = sharding.put(host_params, sharding.tree_shardings(host_params, self.mesh, specs))
-        self.host_params = host_params  # for encoding the caches; dropped after setup
         rng = jax.random.PRNGKey(config.seed)
         abs_t, abs_f = jax.eval_shape(self.strategy.init, params, rng)
         self.t_shardings = sharding.tree_shardings(abs_t, self.mesh, specs)
@@ -247,13 +245,13 @@ class Trainer:
         self.accum = int(config.optim.grad_accum)
         self.micro_batch = self.per_device_batch * replicas
         self.global_batch = self.micro_batch * self.accum
-        self.records = records if records is not None else self._build_records()
-        self.latent_cache = self.text_cache = None
-        self._setup_caches()
-        del self.host_params
+        self.inputs = TrainInputs(config, local, sd, self.strategy, host_params,
+                                  self.global_batch, records=records, is_main=self.is_main)
+        self.records = self.inputs.records
+        self.latent_cache, self.text_cache = self.inputs.latent_cache, self.inputs.text_cache
         self.steps_per_epoch = len(self.records) // self.global_batch
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise UserError(
                 f"{len(self.records)} training images are fewer than one optimizer step's "
                 f"batch of {self.global_batch} (per-device {self.per_device_batch} x "
                 f"{replicas} replicas x grad_accum {self.accum}); lower train.per_device_batch "
@@ -280,69 +278,9 @@ class Trainer:
                                          keep=c.keep, async_save=c.async_save)
         self.data_position = {"epoch": 0, "step": 0}
 
-    def _build_records(self):
-        """The configured records. With several processes, process 0 reads them first: a
-        dataset generated on first use (the phantom, in the workdir) is then written once,
-        and the others find it complete (or make their own copy on a folder they do not
-        share)."""
-        wd = storage.local_twin(self.workdir)  # the phantom is written image by image
-        if jax.process_count() == 1:
-            return build_records(self.config, wd)
-        records = build_records(self.config, wd) if self.is_main else None
-        multihost_utils.sync_global_devices("jaxmed.train records")
-        return records if self.is_main else build_records(self.config, wd)
-
-    # -- caches (encode once, train many)
-    def _setup_caches(self) -> None:
-        c = self.config.cache
-        use_lat, use_txt = cache_use(self.config, self.strategy)
-        cache_dir = c.dir or os.path.join(storage.local_twin(self.workdir), "cache")
-        sd, d = self.sd, self.config.data
-        dtype = self.config.model.dtype
-        if use_lat:
-            vae_params = self.host_params["vae"]
-            self.latent_cache = LatentCache.build_or_load(
-                cache_dir, self.records, sd.encode_images, vae_params,
-                params_hash(vae_params, {"vae": sd.vae.config.to_dict(), "dtype": dtype}),
-                resolution=d.resolution, on_bad_image=d.on_bad_image, workers=d.workers,
-                progress=self.config.log.progress and self.is_main)
-            valid = self.latent_cache.valid
-            self.cache_rows = np.nonzero(valid)[0]
-            if not valid.all():
-                self.records = self.records.subset(valid)
-        if use_txt:
-            captioner = self._captioner(self.records)
-            variants = captioner.variants(self.records.labels, self.records.captions)
-            text_params = self.host_params["text_encoder"]
-            self.text_cache = TextCache.build_or_load(
-                cache_dir, self.records.source, variants,
-                sd.encode_text, text_params, sd.tokenize,
-                params_hash(text_params, {"text": sd.text_encoder.config.to_dict(),
-                                          "dtype": dtype}))
-        if self.is_main:
-            print(f"[jaxmed.train] latent cache: {'on' if use_lat else 'off'} "
-                  f"(cache.latents={c.latents}); text cache: {'on' if use_txt else 'off'} "
-                  f"(cache.text={c.text})" + (f"; in {cache_dir}" if use_lat or use_txt else ""),
-                  flush=True)
-
-    def _captioner(self, records):
-        d = self.config.data
-        return Captioner(records.label_columns, templates=tuple(d.templates) or None,
-                         dropout=d.caption_dropout, seed=self.config.seed)
-
-    def make_batches(self):
-        """The training batches: images or cached latents, token ids or cached context."""
-        d = self.config.data
-        extras = None
-        if self.latent_cache is not None:
-            cache, rows = self.latent_cache, self.cache_rows
-            extras = lambda pos: cache.get(rows[pos])  # noqa: E731
-        return Batches(self.records, self.global_batch, tokenizer=self.sd.tokenizer,
-                       resolution=d.resolution, seed=self.config.seed,
-                       captioner=self._captioner(self.records), on_bad_image=d.on_bad_image,
-                       num_workers=d.workers, prefetch=d.prefetch,
-                       load_images=self.latent_cache is None, extras=extras,
-                       return_captions=self.text_cache is not None)
+    def make_batches(self, num_steps: int | None = None):
+        """The training batches from the run's data position (`TrainInputs.batches`)."""
+        return self.inputs.batches(self.data_position, num_steps)
 
     # -- resume
     def maybe_restore(self) -> int:
@@ -366,30 +304,30 @@ class Trainer:
     # -- the loop
     def run(self) -> dict:
         """Train to ``total_steps`` (resuming if a checkpoint exists), export, summarise."""
+        start = self.maybe_restore()
+        self._banner(start)
+        # Outside the run's mesh context: the latent cache encodes what the run reads on
+        # this process's own devices.
+        batches = self.make_batches(self.total_steps - start)
         # Every jitted function first called inside (the step, sampling, export) is traced
         # with the activations' logical sharding constraints in force.
         with sharding.activation_sharding(self.mesh):
-            return self._run()
+            return self._run(start, batches)
 
-    def _run(self) -> dict:
+    def _run(self, start: int, batches) -> dict:
         cfg = self.config
-        start = self.maybe_restore()
         writer = MetricWriter(self.workdir, tensorboard=cfg.log.tensorboard and self.is_main,
                               enabled=self.is_main)
         if self.is_main:
             atomic_write(os.path.join(self.workdir, "config.json"),
                          json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
-        self._banner(start)
-        batches = self.make_batches()
-        batches.load_state_dict(self.data_position)
         start_epoch, start_pos = self.data_position["epoch"], self.data_position["step"]
-        t0 = time.perf_counter()
+        self._throughput = tp = Throughput(self.global_batch, start)
         pending = None  # metrics of the previous step, read one step late (keeps dispatch async)
         last_saved = start
         bar = progress(total=self.total_steps, initial=start, desc=f"train {self.strategy.name}",
                        enabled=cfg.log.progress and self.is_main)
         step = start
-        img_s = float("nan")
         try:
             it = prefetch_to_device(self._numeric(batches), size=2,
                                     sharding=self._batch_sharding_fn())
@@ -427,7 +365,7 @@ class Trainer:
             batches.close()
             self.checkpointer.wait()
             writer.close()
-        elapsed = time.perf_counter() - t0
+        speed = tp.summary(self.total_steps)
         # Every process joins the export's global computations; process 0 alone writes.
         export = self.export()
         self.checkpointer.close()
@@ -438,35 +376,28 @@ class Trainer:
         summary = {
             "strategy": self.strategy.name, "steps": int(self.total_steps),
             "resumed_from": int(start), "trainable_params": int(self.n_trainable),
-            "train_seconds": round(elapsed, 2), "images_per_second": round(img_s, 3),
-            "final_loss": self.last_loss, "export": export, "last_checkpoint": last_saved,
+            **speed, "final_loss": self.last_loss, "export": export, "last_checkpoint": last_saved,
             "skipped_images": skipped,
         }
         if self.is_main:
             atomic_write(os.path.join(self.workdir, "summary.json"),
                          json.dumps(summary, indent=2))
-            print(f"[jaxmed.train] {self.strategy.name}: {summary['steps']} steps in "
-                  f"{elapsed:.1f}s ({img_s:.2f} img/s), final loss {self.last_loss:.4f}, "
+            print(f"[jaxmed.train] {self.strategy.name}: {summary['steps'] - start} steps, "
+                  f"{tp.line(self.total_steps)}; final loss {self.last_loss:.4f}, "
                   f"{self.n_trainable:,} trainable params, export {export}", flush=True)
         return summary
 
     last_loss = float("nan")
 
-    MODEL_INPUTS = {"image": 4, "input_ids": 2, "latent_mean": 4, "latent_logvar": 4,
-                    "context": 3}
-
     def _numeric(self, batches) -> Iterator[dict]:
-        for b in batches:
-            if self.text_cache is not None:
-                b["context"] = self.text_cache.lookup(b.pop("caption"))
-                b.pop("input_ids", None)
-            yield {k: v for k, v in b.items() if k in self.MODEL_INPUTS}
+        return self.inputs.numeric(batches)
 
     def _batch_sharding_fn(self):
-        return {k: sharding.batch_sharding(self.mesh, nd) for k, nd in self.MODEL_INPUTS.items()}
+        return {k: sharding.batch_sharding(self.mesh, nd) for k, nd in MODEL_INPUTS.items()}
 
     def _report(self, step: int, metrics: Mapping, img_s: float, writer, bar) -> None:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self._throughput.step_read(step)
         self.last_loss = m["loss"]
         if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
             self._check_finite()
@@ -562,15 +493,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config, args = parse(argv, "python -m jaxmed.train", __doc__.split("\n\n")[0])
-        storage.require_local(config.cache.dir, "--config.cache.dir")  # before any loading
-        enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
-        start_distributed()
-    except ValueError as err:  # a ConfigError, or a cache.dir URL
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return main_guard(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    setup_logging()
+    config, args = parse(argv, "python -m jaxmed.train", __doc__.split("\n\n")[0])
+    storage.require_local(config.cache.dir, "--config.cache.dir")  # before any loading
+    enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
+    start_distributed()  # $JAXMED_DISTRIBUTED=1: one of several processes
     train(config, args.workdir)
     return 0
 

@@ -4,6 +4,7 @@ strategy over-fits, and bad input stops with a message that names the problem.""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from jaxmed import losses, strategies, train
 from jaxmed.checkpoint import Checkpointer
 from jaxmed.cli import ConfigError, load_config, set_override
 from jaxmed.data import Batches
+from jaxmed.logging_utils import LineBar, progress
 from jaxmed.strategies.base import flatten
 from tests.helpers import write_chexpert_dataset
 from tests.train_worker import config as make_config
@@ -175,6 +177,85 @@ def test_url_workdir_it_cannot_reach_is_a_clear_error(capsys):
     if not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
         assert train.main([*args, "gs://bucket/run"]) == 2
         assert "needs the gcsfs package (pip install gcsfs)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def root_logging():
+    """The CLI sets the root logger's handler (`cli.setup_logging`); put pytest's back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _user_error(capsys, workdir, *args) -> str:
+    """Run `jaxmed.train` in-process; it must exit 2 with one error line, no traceback."""
+    rc = train.main(["--config", "configs/finetune.py:lora", "--workdir", str(workdir),
+                     *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return err
+
+
+def test_user_errors_exit_2_with_one_line(tiny_sd_folder, tmp_path, capsys, root_logging):
+    wd = tmp_path / "wd"
+    err = _user_error(capsys, wd, "--config.train.stepz=3")  # config
+    assert "did you mean config.train.max_steps?" in err
+    csv = write_chexpert_dataset(str(tmp_path / "data"), n=8, size=32)
+    base = [f"--config.model.path={tiny_sd_folder}", "--config.data.kind=chexpert",
+            "--config.data.resolution=32", "--config.train.per_device_batch=2",
+            "--config.optim.grad_accum=2", "--config.train.max_steps=2",
+            "--config.log.progress=False", "--config.log.tensorboard=False",
+            "--config.log.sample_every_steps=-1", "--config.export.diffusers=False"]
+    missing = str(tmp_path / "none.csv")
+    assert "CSV file not found" in _user_error(capsys, wd, *base, f"--config.data.csv={missing}")
+    with pytest.raises(FileNotFoundError):  # --debug: the traceback, for a bug report
+        train.main(["--config", "configs/finetune.py:lora", "--workdir", str(wd), *base,
+                    f"--config.data.csv={missing}", "--debug"])
+    err = _user_error(capsys, wd, *base, f"--config.data.csv={csv}",  # bad image root
+                      f"--config.data.image_root={tmp_path / 'wrong'}")
+    assert "none of the first 8 images exists" in err and "CheXpert-v1.0/ in image_root" in err
+    err = _user_error(capsys, wd, *base, f"--config.data.csv={csv}",  # model files missing
+                      f"--config.model.path={tmp_path / 'no-model'}")
+    assert "no-model" in err
+
+
+def test_every_image_unreadable_exits_2_saying_so(tiny_sd_folder, tmp_path, capsys,
+                                                   root_logging):
+    csv = write_chexpert_dataset(str(tmp_path / "data"), n=8, size=32)
+    for i in range(8):
+        with open(os.path.join(str(tmp_path / "data"), "imgs", f"{i}.png"), "wb") as f:
+            f.write(b"not an image")
+    err = _user_error(
+        capsys, tmp_path / "wd", f"--config.model.path={tiny_sd_folder}",
+        "--config.data.kind=chexpert", f"--config.data.csv={csv}",
+        "--config.data.on_bad_image=skip", "--config.data.resolution=32",
+        "--config.train.per_device_batch=2", "--config.optim.grad_accum=2",
+        "--config.train.max_steps=2", "--config.log.progress=False", "--config.cache.text=off",
+        "--config.log.tensorboard=False", "--config.log.sample_every_steps=-1")
+    assert "every image tried (8" in err and "was unreadable" in err
+    assert str(tmp_path / "data") in err
+    # warnings in the configured format, a few per file then a count
+    assert "WARNING jaxmed.cache: latent cache: skipping bad image" in err
+    assert "WARNING:" not in err
+    assert err.count("skipping bad image") <= 10
+
+
+def test_progress_off_a_terminal_is_plain_lines(capsys):
+    bar = progress(total=4, desc="train lora")  # stderr is captured: not a terminal
+    assert isinstance(bar, LineBar)
+    bar.every = 0.0
+    for _ in range(4):
+        bar.set_postfix(loss="0.1234")
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 5 and lines[-1].startswith("train lora: 4/4 step (100%)")
+    assert "loss=0.1234" in lines[-1]
 
 
 def test_csv_missing_label_column_is_named(tiny_sd_folder, tmp_path):

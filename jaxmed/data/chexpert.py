@@ -14,6 +14,8 @@ for captions, maskable in a classifier loss).
 Images: ``Path`` is joined to ``image_root`` (default: the CSV's folder) after the path
 rewrites, e.g. the authors' ``path_replace=[("CheXpert-v1.0/", "CheXpert-v1.0_512x512/")]``
 (plain substring replacement, as their code does) or ``path_regex=[(pattern, repl)]``.
+When none of the first images exists, the CheXpert folder layouts are guessed
+(`jaxmed.data.layouts`).
 
 Image loading (`load_image`): as the study, a plain resize to ``resolution`` x
 ``resolution`` with no crop (the aspect ratio is not kept), then [-1, 1], 3 channels, HWC
@@ -36,12 +38,14 @@ import numpy as np
 from PIL import Image
 
 from jaxmed.data.labels import LABELS
+from jaxmed.data.layouts import resolve_paths
+from jaxmed.errors import UserError
 
 UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
 RESAMPLE = ("bilinear", "bicubic", "lanczos", "nearest")
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError, RuntimeError):
     """An image that cannot be read or decoded; names the file and its CSV row."""
 
     def __init__(self, path: str, row: int | None, source: str | None, reason: str):
@@ -66,6 +70,7 @@ class Records:
       captions: fixed captions (a folder CSV's caption column), else None: captions then
         come from the labels by the study's rule.
       loader: for sources without files (TFDS): ``loader(i) -> array`` of record ``i``.
+      image_root: the folder the CSV's paths were joined to (for error messages).
     """
 
     paths: list[str]
@@ -75,6 +80,7 @@ class Records:
     source: str = ""
     captions: list[str] | None = None
     loader: Callable[[int], np.ndarray] | None = field(default=None, repr=False)
+    image_root: str = ""
 
     def __post_init__(self):
         n = len(self.paths)
@@ -98,7 +104,7 @@ class Records:
             paths=[self.paths[i] for i in idx], labels=self.labels[idx], rows=self.rows[idx],
             label_columns=self.label_columns, source=self.source,
             captions=None if self.captions is None else [self.captions[i] for i in idx],
-            loader=loader,
+            loader=loader, image_root=self.image_root,
         )
 
     def load(self, i: int, resolution: int | tuple[int, int] = 512,
@@ -247,6 +253,8 @@ def read_chexpert_csv(
     path_replace: Sequence[tuple[str, str]] | tuple[str, str] = (),
     path_regex: Sequence[tuple[str, str]] | tuple[str, str] = (),
     max_records: int | None = None,
+    guess_layout: bool = True,
+    require_images: bool = False,
 ) -> Records:
     """Read a CheXpert-format CSV into `Records` (nothing is decoded).
 
@@ -260,6 +268,11 @@ def read_chexpert_csv(
         ``("CheXpert-v1.0/", "CheXpert-v1.0_512x512/")``.
       path_regex: (pattern, repl) ``re.sub`` rewrites on ``Path`` after those.
       max_records: keep only the first N records (after filtering).
+      guess_layout: when none of the first images exists as given, try the CheXpert
+        layouts (`jaxmed.data.layouts`) and fail naming what was tried; False joins the
+        paths as given.
+      require_images: fail (naming the folders tried) when none of the first images
+        exists, rather than when an image is loaded (a training run sets it).
     """
     import pandas as pd
 
@@ -281,6 +294,8 @@ def read_chexpert_csv(
         rows = rows[:max_records]
     root = os.path.dirname(os.path.abspath(csv_path)) if image_root is None else image_root
     rep, rx = _pairs(path_replace), _pairs(path_regex)
-    paths = [os.path.join(root, rewrite_path(df["Path"].iat[r], rep, rx)) for r in rows]
+    rels = [rewrite_path(df["Path"].iat[r], rep, rx) for r in rows]
+    paths = resolve_paths(rels, root, csv_path, require=require_images) if guess_layout \
+        else [os.path.join(root, p) for p in rels]
     return Records(paths=paths, labels=labels[rows], rows=rows,
-                   label_columns=tuple(label_columns), source=csv_path)
+                   label_columns=tuple(label_columns), source=csv_path, image_root=root)

@@ -86,7 +86,8 @@ def read_folder_csv(
         paths.append(os.path.join(root, rewrite_path(p, rep, rx)))
     captions = list(df[caption_column]) if has_caption else None
     return Records(paths=paths, labels=labels, rows=np.arange(len(df)),
-                   label_columns=label_columns, source=csv_path, captions=captions)
+                   label_columns=label_columns, source=csv_path, captions=captions,
+                   image_root=root)
 
 
 def read_image_folder(

@@ -46,6 +46,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmed.data.captions import Captioner
 from jaxmed.data.chexpert import BadImageError, Records
+from jaxmed.errors import UserError
+from jaxmed.logging_utils import BoundedWarnings
 from jaxmed.models.tokenizer import tokenize
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,9 @@ class Batches(Iterator[dict]):
       seed: seed of the per-epoch shuffle (and of the default captioner).
       shuffle: False keeps the records' order every epoch.
       num_epochs: stop after this many epochs; None repeats forever.
+      num_steps: stop before global batch ``num_steps`` (counted over epochs from epoch 0
+        step 0: ``epoch * steps_per_epoch + step``), so nothing past a run's last step is
+        read ahead; None: no such limit.
       process_index, process_count: this process and the number of processes; default
         ``jax.process_index()`` / ``jax.process_count()``.
       captioner: a `Captioner` (templates, caption dropout); default the study's rule.
@@ -78,6 +83,8 @@ class Batches(Iterator[dict]):
         then has no ``image``.
       extras: ``extras(positions) -> dict`` of per-record arrays (record positions in
         ``records``) added to each batch, e.g. cached VAE latents.
+      unreadable: with ``load_images=False``, ``unreadable(position) -> reason or None``:
+        records whose image could not be read (a latent cache knows), handled as bad images.
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class Batches(Iterator[dict]):
         seed: int = 0,
         shuffle: bool = True,
         num_epochs: int | None = None,
+        num_steps: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
         captioner: Captioner | None = None,
@@ -101,6 +109,7 @@ class Batches(Iterator[dict]):
         return_captions: bool = False,
         load_images: bool = True,
         extras=None,
+        unreadable=None,
     ):
         if process_index is None or process_count is None:
             process_index = jax.process_index() if process_index is None else process_index
@@ -127,6 +136,7 @@ class Batches(Iterator[dict]):
         self.tokenizer = tokenizer
         self.resolution, self.resample = resolution, resample
         self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
+        self.num_steps = num_steps
         self.captioner = captioner or Captioner(records.label_columns, seed=seed)
         self.max_length = max_length
         self.on_bad_image = on_bad_image
@@ -135,7 +145,9 @@ class Batches(Iterator[dict]):
         self.return_captions = return_captions
         self.load_images = bool(load_images)
         self.extras = extras
+        self.unreadable = unreadable
         self.bad_images: dict[str, str] = {}
+        self._warn = BoundedWarnings(logger, "bad images")
         self.num_skipped = 0
         self._token_cache: dict[str, np.ndarray] = {}
         self._perm_cache: tuple[int, np.ndarray] | None = None
@@ -196,12 +208,16 @@ class Batches(Iterator[dict]):
 
     # ---------------------------------------------------------------- loading
     def _load(self, pos: int):
-        if not self.load_images:
-            return None
         path = self.records.paths[pos]
         if path in self.bad_images:
             return BadImageError(path, int(self.records.rows[pos]), self.records.source,
                                  self.bad_images[path])
+        if not self.load_images:
+            reason = self.unreadable(pos) if self.unreadable is not None else None
+            if reason is None:
+                return None
+            return BadImageError(path, int(self.records.rows[pos]), self.records.source,
+                                 reason)
         try:
             return self.records.load(pos, self.resolution, self.resample)
         except BadImageError as e:
@@ -213,7 +229,7 @@ class Batches(Iterator[dict]):
         self.num_skipped += 1
         if err.path not in self.bad_images:
             self.bad_images[err.path] = err.reason
-            logger.warning("skipping bad image: %s", err)
+            self._warn.warn("skipping bad image: %s", err)
 
     def skipped_summary(self) -> str:
         return (f"{len(self.bad_images)} bad image(s), {self.num_skipped} skip(s)"
@@ -250,8 +266,16 @@ class Batches(Iterator[dict]):
                     continue
                 chosen.append(int(pos))
                 images.append(img)
+            if not chosen:
+                path, reason = next(iter(self.bad_images.items()))
+                root = self.records.image_root or os.path.dirname(path)
+                raise UserError(
+                    f"{self.records.source}: every image tried ({len(self.bad_images)}, all "
+                    f"of this process's share of epoch {epoch}) was unreadable, e.g. {path} "
+                    f"({reason}); images are read under {root}: check data.image_root and "
+                    "data.path_rewrite")
             if len(chosen) < len(positions):
-                raise RuntimeError(
+                raise UserError(
                     f"{self.records.source}: process {self.process_index} found only "
                     f"{len(chosen)} readable images in its share of epoch {epoch} "
                     f"(needed {len(positions)}); {self.skipped_summary()}"
@@ -284,7 +308,9 @@ class Batches(Iterator[dict]):
             return epoch + 1, 0
         return epoch, step
 
-    def _finished(self, epoch: int) -> bool:
+    def _finished(self, epoch: int, step: int = 0) -> bool:
+        if self.num_steps is not None and epoch * self.steps_per_epoch + step >= self.num_steps:
+            return True
         return self.num_epochs is not None and epoch >= self.num_epochs
 
     @staticmethod
@@ -307,7 +333,7 @@ class Batches(Iterator[dict]):
                 me = ref()
                 if me is None:
                     return
-                while len(pending) < me.prefetch and not me._finished(epoch):
+                while len(pending) < me.prefetch and not me._finished(epoch, step):
                     pos = me.local_positions(epoch, step)
                     futs = [me._pool.submit(me._load, int(p)) for p in pos]
                     pending.append((epoch, step, pos, futs))
@@ -370,7 +396,7 @@ class Batches(Iterator[dict]):
         return self
 
     def __next__(self) -> dict:
-        if self._finished(self._epoch):
+        if self._finished(self._epoch, self._step):
             raise StopIteration
         if self._thread is None:
             self._start_producer()

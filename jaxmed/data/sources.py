@@ -23,6 +23,7 @@ import ml_collections
 from jaxmed.data import phantom
 from jaxmed.data.chexpert import Records, read_chexpert_csv
 from jaxmed.data.folder import read_folder_csv
+from jaxmed.data.layouts import parse_rewrites
 from jaxmed.data.tfds import read_tfds_chexpert
 
 
@@ -69,11 +70,7 @@ def build_records(config: ml_collections.ConfigDict, workdir: str,
     """
     d = config.data
     max_records = d.max_images if d.max_images and d.max_images > 0 else None
-    rewrite = ()
-    if d.path_rewrite:
-        if "=>" not in d.path_rewrite:
-            raise ValueError(f"data.path_rewrite={d.path_rewrite!r}: write it as 'old=>new'")
-        rewrite = tuple(d.path_rewrite.split("=>", 1))
+    rewrite = parse_rewrites(d.path_rewrite)
     if d.kind not in READERS:
         raise ValueError(f"data.kind={d.kind!r}: choose phantom, chexpert, folder or tfds")
     if d.kind == "phantom":
@@ -88,7 +85,7 @@ def build_records(config: ml_collections.ConfigDict, workdir: str,
                              "format) and usually --config.data.image_root=DIR")
         return read_records("chexpert", d.csv, d.image_root or None, uncertain=d.uncertain,
                             frontal_only=d.frontal_only, path_replace=rewrite,
-                            max_records=max_records)
+                            max_records=max_records, require_images=True)
     if d.kind == "folder":
         if not d.csv:
             raise ValueError("data.kind=folder needs --config.data.csv=PATH with a path column "

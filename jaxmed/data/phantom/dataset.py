@@ -18,13 +18,13 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy.special import ndtr, ndtri
-from tqdm import tqdm
 
 from jaxmed.data.labels import CSV_COLUMNS, LABELS
 from jaxmed.data.phantom.anatomy import ASSET_DIR, Patient, as_generator, sample_patient, streams
 from jaxmed.data.phantom.film import render, sample_study
 from jaxmed.data.phantom.findings import labels_to_vector
 from jaxmed.files import write_json
+from jaxmed.logging_utils import progress as progress_bar
 
 PATHOLOGIES: tuple[str, ...] = LABELS[1:7]
 
@@ -145,8 +145,8 @@ def make_dataset(out_dir: str, n_patients: int = 100, images_per_patient: int = 
     pat_seeds = s_pat.integers(2**62, size=n_patients)
     rows: dict[str, list] = {k: [] for k in names}
     os.makedirs(out_dir, exist_ok=True)
-    bar = tqdm(total=n_patients * images_per_patient, desc="phantom", unit="img",
-               disable=not progress)
+    bar = progress_bar(total=n_patients * images_per_patient, desc="phantom", unit="img",
+                       enabled=progress)
     for p in range(n_patients):
         pt = sample_patient(int(pat_seeds[p]))
         split = split_of[p]

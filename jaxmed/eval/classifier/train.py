@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from jaxmed.eval import metrics as M
 from jaxmed.eval.classifier.config import ClassifierConfig, build_model
@@ -37,6 +36,7 @@ from jaxmed.eval.classifier.trained import (
     _variables,
 )
 from jaxmed.eval.classifier.weights import _read_state_dict, load_torchvision_state_dict
+from jaxmed.logging_utils import progress as progress_bar
 
 
 def _augment(key, x, cfg: ClassifierConfig):
@@ -208,7 +208,7 @@ def train_classifier(config: ClassifierConfig, train_images, train_labels, val_i
     best = None  # (score, step, params, batch_stats)
     since_best = 0
     losses: list[jax.Array] = []
-    bar = tqdm(total=total, desc=f"train {config.arch}", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=f"train {config.arch}", enabled=progress)
     try:
         for it in range(total):
             idx = next(batches)
