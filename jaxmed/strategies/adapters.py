@@ -4,8 +4,9 @@ Linear layers that target patterns name, added as an unmerged branch while a com
 The branch is added by intercepting the targeted `jaxmed.models.layers.Linear` calls
 (``nn.intercept_methods``), so the frozen weight gets no weight gradient, input dropout on
 the branch behaves as in peft, and the model code knows nothing of adapters. A subclass
-says what the adapter is: its new weights (`AdapterStrategy.new_adapter`), its branch
-(`AdapterStrategy.add_branch`) and how it folds into the kernel (`AdapterStrategy.merge`).
+says what the adapter is: its new weights (`AdapterStrategy.new_adapter`), the adapted
+layer's output (`AdapterStrategy.add_branch`, which may run the layer itself or compute
+its output another way) and how it folds into the kernel (`AdapterStrategy.merge`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from jaxmed.strategies.base import (
 )
 
 ModulePath = tuple[str, ...]
-# (module path, the layer's input, the layer's output) -> the output with the branch added
-Branch = Callable[[ModulePath, jax.Array, jax.Array], jax.Array]
+# (module path, the Linear, its input, a thunk that runs the layer as it is) -> the output
+# with the branch added
+Branch = Callable[[ModulePath, Linear, jax.Array, Callable[[], jax.Array]], jax.Array]
 
 
 def get_path(tree: Mapping, path: ModulePath) -> Any:
@@ -91,8 +93,9 @@ def adapter_table(sub: Params, leaves: Iterable[str]) -> dict[ModulePath, dict]:
 
 @contextlib.contextmanager
 def add_to_linears(paths: Iterable[ModulePath], branch: Branch) -> Iterator[None]:
-    """While active, each Linear at one of ``paths`` returns ``branch(path, x, y)`` instead
-    of its output ``y`` for input ``x``; other modules run unchanged."""
+    """While active, each Linear at one of ``paths`` returns ``branch(path, module, x,
+    layer)`` for input ``x``, where ``layer()`` is its own output (computed only if the
+    branch calls it); other modules run unchanged."""
     paths = frozenset(paths)
     if not paths:
         yield
@@ -105,7 +108,7 @@ def add_to_linears(paths: Iterable[ModulePath], branch: Branch) -> Iterator[None
         path = tuple(mod.path)
         if path not in paths:
             return next_fun(*args, **kwargs)
-        return branch(path, args[0], next_fun(*args, **kwargs))
+        return branch(path, mod, args[0], lambda: next_fun(*args, **kwargs))
 
     with nn.intercept_methods(interceptor):
         yield
@@ -168,14 +171,14 @@ class AdapterStrategy(Strategy):
             rng = jax.random.fold_in(rng, COMPONENTS.index(component))
         index = {m: i for i, m in enumerate(sorted(table))}
 
-        def branch(path, x, y):
+        def branch(path, module, x, layer):
             xd = x
             if dropout:
                 keep = jax.random.bernoulli(
                     jax.random.fold_in(rng, index[path]), 1.0 - self.dropout, x.shape)
                 xd = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
-            return self.add_branch(table[path], get_path(frozen[component], path), xd, y,
-                                   dropout)
+            return self.add_branch(table[path], get_path(frozen[component], path), xd,
+                                   layer, dropout, module.dtype)
 
         with add_to_linears(table, branch):
             yield
@@ -196,11 +199,12 @@ class AdapterStrategy(Strategy):
         path below the layer."""
         raise NotImplementedError
 
-    def add_branch(self, entry: dict, base: dict, xd: jax.Array, y: jax.Array,
-                   dropout: bool) -> jax.Array:
-        """The layer's output ``y`` plus the adapter's branch on ``xd`` (its input, after
-        dropout when ``dropout``); ``entry`` holds the adapter's leaves (`adapter_table`),
-        ``base`` the layer's frozen kernel and bias."""
+    def add_branch(self, entry: dict, base: dict, xd: jax.Array,
+                   layer: Callable[[], jax.Array], dropout: bool, dtype) -> jax.Array:
+        """The adapted layer's output: its own output (``layer()``, in compute dtype
+        ``dtype``) plus the adapter's branch on ``xd`` (its input, after dropout when
+        ``dropout``, else the input itself); ``entry`` holds the adapter's leaves
+        (`adapter_table`), ``base`` the layer's frozen kernel and bias."""
         raise NotImplementedError
 
     def merge(self, w: jax.Array, entry: dict) -> jax.Array:
