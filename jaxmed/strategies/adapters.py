@@ -1,5 +1,5 @@
 """What the adapter strategies (LoRA, DoRA) share: `AdapterStrategy`, new weights on the
-Linear layers that target patterns name, added as an unmerged branch while a component runs.
+Linear layers that target patterns name, applied while a component runs (never stored merged).
 
 The branch is added by intercepting the targeted `jaxmed.models.layers.Linear` calls
 (``nn.intercept_methods``), so the frozen weight gets no weight gradient, input dropout on
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -20,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmed.kernels import dispatch
 from jaxmed.models.layers import Linear
 from jaxmed.strategies.base import (
     COMPONENTS,
@@ -210,3 +212,48 @@ class AdapterStrategy(Strategy):
     def merge(self, w: jax.Array, entry: dict) -> jax.Array:
         """The kernel ``w`` with the adapter folded in."""
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------
+# The low-rank adapted matmul (LoRA without dropout)
+
+
+def merge_kernel(w: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
+    """W + s A B: the kernel with the adapter folded in (what `LoraStrategy.export` writes)."""
+    return w + scaling * a @ b
+
+
+# Why a custom gradient: autodiff of the unmerged y = x W + s (x A) B adds, per targeted
+# layer, a (tokens, r) x (r, out) product to the forward pass and, to the backward pass, the
+# branch's share of dx plus products contracting the token axis with outputs only r wide,
+# which XLA:CPU runs through transposed copies; each costs about as much as the layer's own
+# matmul there (tokens x in x out), so a LoRA step saved little over full fine-tuning.
+# Folding the adapter into the kernel first is one matmul forward and one for dx backward,
+# the adapter's gradients are four rank-r products, and the frozen kernel's full gradient
+# x^T dy is returned but unused, so jit drops it.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
+                scaling: float) -> jax.Array:
+    """x (..., in) @ (w + scaling * a @ b) in x's dtype, for a kernel w (in, out) and LoRA
+    factors a (in, r), b (r, out): a LoRA layer's output without its bias."""
+    return jnp.dot(x, merge_kernel(w, a, b, scaling).astype(x.dtype))
+
+
+def _lora_matmul_fwd(x, w, a, b, scaling):
+    return lora_matmul(x, w, a, b, scaling), (x, w, a, b)
+
+
+def _lora_matmul_bwd(scaling, res, dy):
+    x, w, a, b = res
+    dt = dy.dtype
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dx = jnp.dot(dy, merge_kernel(w, a, b, scaling).astype(dt).T)
+    u = jnp.dot(x2, a.astype(dt))  # (tokens, r): x A
+    t = jnp.dot(dy2, b.astype(dt).T)  # (tokens, r): dy B^T
+    da = scaling * dispatch.weight_grad(t, x2).T  # s x^T dy B^T, (in, r)
+    db = scaling * dispatch.weight_grad(u, dy2)  # s A^T x^T dy, (r, out)
+    dw = dispatch.weight_grad(x2, dy2)  # frozen in LoRA training: never computed there
+    return dx, dw.astype(w.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)

@@ -6,7 +6,7 @@ For a targeted Linear ``y = x W + b`` (W stored (in, out)) with rank r and scali
 
 The adapters are applied while a component runs (`jaxmed.strategies.adapters`), never
 stored merged, so the frozen W gets no weight gradient and LoRA dropout behaves as in peft.
-Without dropout a targeted layer runs as `lora_matmul`: one matmul with the kernel
+Without dropout a targeted layer runs as `adapters.lora_matmul`: one matmul with the kernel
 W + s A B formed on the fly, and a backward pass of rank-r products (see there for why).
 `export` folds the adapters into plain weights; `save_peft` / `load_peft` write and read
 peft's on-disk format (`jaxmed.strategies.peft`).
@@ -15,16 +15,14 @@ peft's on-disk format (`jaxmed.strategies.peft`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jaxmed.kernels import dispatch
 from jaxmed.models.layers import torch_default_init
 from jaxmed.strategies import peft
-from jaxmed.strategies.adapters import AdapterStrategy
+from jaxmed.strategies.adapters import AdapterStrategy, lora_matmul, merge_kernel
 from jaxmed.strategies.base import Params, StrategyError
 
 STUDY_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -64,47 +62,6 @@ class LoraStrategy(AdapterStrategy):
 
     def load_peft(self, folder: str, params: Params) -> Params:
         return peft.load(self, folder, params)
-
-
-def merge_kernel(w: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
-    """W + s A B: the kernel with the adapter folded in (what `LoraStrategy.export` writes)."""
-    return w + scaling * a @ b
-
-
-# Why a custom gradient: autodiff of the unmerged y = x W + s (x A) B adds, per targeted
-# layer, a (tokens, r) x (r, out) product to the forward pass and, to the backward pass, the
-# branch's share of dx plus products contracting the token axis with outputs only r wide,
-# which XLA:CPU runs through transposed copies; each costs about as much as the layer's own
-# matmul there (tokens x in x out), so a LoRA step saved little over full fine-tuning.
-# Folding the adapter into the kernel first is one matmul forward and one for dx backward,
-# the adapter's gradients are four rank-r products, and the frozen kernel's full gradient
-# x^T dy is returned but unused, so jit drops it.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
-                scaling: float) -> jax.Array:
-    """x (..., in) @ (w + scaling * a @ b) in x's dtype, for a kernel w (in, out) and LoRA
-    factors a (in, r), b (r, out): a LoRA layer's output without its bias."""
-    return jnp.dot(x, merge_kernel(w, a, b, scaling).astype(x.dtype))
-
-
-def _lora_matmul_fwd(x, w, a, b, scaling):
-    return lora_matmul(x, w, a, b, scaling), (x, w, a, b)
-
-
-def _lora_matmul_bwd(scaling, res, dy):
-    x, w, a, b = res
-    dt = dy.dtype
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dx = jnp.dot(dy, merge_kernel(w, a, b, scaling).astype(dt).T)
-    u = jnp.dot(x2, a.astype(dt))  # (tokens, r): x A
-    t = jnp.dot(dy2, b.astype(dt).T)  # (tokens, r): dy B^T
-    da = scaling * dispatch.weight_grad(t, x2).T  # s x^T dy B^T, (in, r)
-    db = scaling * dispatch.weight_grad(u, dy2)  # s A^T x^T dy, (r, out)
-    dw = dispatch.weight_grad(x2, dy2)  # frozen in LoRA training: never computed there
-    return dx, dw.astype(w.dtype), da.astype(a.dtype), db.astype(b.dtype)
-
-
-lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
 def lora(rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets=STUDY_TARGETS,

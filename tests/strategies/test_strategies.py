@@ -304,7 +304,7 @@ def test_lora_matmul_gradients_and_frozen_kernel():
     and gradients equal float64 autodiff-free formulas of the unmerged x W + s (x A) B,
     and with W frozen the compiled gradient computes no (in, out) weight gradient."""
     from jaxmed.kernels import cpu_dense
-    from jaxmed.strategies.lora import lora_matmul
+    from jaxmed.strategies.adapters import lora_matmul
 
     rng = np.random.default_rng(5)
     x, w, a, b, ct = (rng.standard_normal(s).astype(np.float32) for s in
