@@ -131,9 +131,9 @@ def make_sample_fn(
     only to ~1e-6. With ``micro_batch=m`` each device runs its shard m images at a time
     (``lax.map``), so the per-device program is the same whatever the device count and
     the images are bitwise identical for a given m; batches are padded to a multiple of
-    m x the batch shards. ``fn.jitted`` is the jitted function of seeded noise (for
-    ``.lower().compile()``), ``fn.jitted_latents`` the one taking ``latents`` last,
-    ``fn.replicas`` the number of batch shards.
+    m x the batch shards. ``fn.jitted`` is the jitted function (for ``.lower().compile()``;
+    its arguments are ``fn``'s, ``latents`` always given), ``fn.replicas`` the number of
+    batch shards.
     """
     if sampler not in samplers.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} "
@@ -167,8 +167,6 @@ def make_sample_fn(
             uctx = sd.encode_text(params["text_encoder"], uncond_ids)
         model_fn = guided_model_fn(sd, params["unet"], ctx, uctx, guidance_scale,
                                    skip_uncond_at_one=skip_uncond_at_one)
-        if latents is None:
-            latents = initial_noise(seed, image_ids, lat_shape)
         x = constrain(latents.astype(jnp.float32) * smp.init_noise_sigma)
         state = smp.init_state(x, jax.random.PRNGKey(seed) if stochastic else None)
 
@@ -186,7 +184,7 @@ def make_sample_fn(
     replicas = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     chunk = replicas * (micro_batch or 1)
 
-    def fn(params, cond_ids, uncond_ids, image_ids, latents=None):
+    def fn(params, cond_ids, uncond_ids, image_ids, latents):
         if micro_batch is None:
             return run(params, cond_ids, uncond_ids, image_ids, latents)
         # Each device runs its shard micro_batch images at a time (lax.map), so the
@@ -198,28 +196,27 @@ def make_sample_fn(
             return jnp.swapaxes(a.reshape((replicas, k, m) + a.shape[1:]), 0, 1)
 
         def one(args):
-            c, u, i, *lat = (constrain(a.reshape((replicas * m,) + a.shape[2:]))
-                             for a in args)
-            out = run(params, c, u, i, lat[0] if lat else None)
+            c, u, i, lat = (constrain(a.reshape((replicas * m,) + a.shape[2:])) for a in args)
+            out = run(params, c, u, i, lat)
             return out.reshape((replicas, m) + out.shape[1:])
 
-        given = (cond_ids, uncond_ids, image_ids) + (() if latents is None else (latents,))
-        out = jax.lax.map(one, tuple(split(a) for a in given))
+        out = jax.lax.map(one, tuple(split(a) for a in (cond_ids, uncond_ids, image_ids,
+                                                        latents)))
         return constrain(jnp.swapaxes(out, 0, 1).reshape((b,) + out.shape[3:]))
 
-    def seeded(params, cond_ids, uncond_ids, image_ids):
-        return fn(params, cond_ids, uncond_ids, image_ids)
-
-    # Two programs, compiled on first use: seeded noise, and given latents.
+    # One sampling program whether the latents are seeded or given: the seeded ones come
+    # from a small program of their own.
     if mesh is None:
-        jitted, jitted_latents = jax.jit(seeded), jax.jit(fn)
+        jitted = jax.jit(fn)
+        noise = jax.jit(lambda ids: initial_noise(seed, ids, lat_shape))
         p_sh = None
     else:
         p_sh = params_sharding if params_sharding is not None else sharding.replicated(mesh)
-        ids_sh = (p_sh, batch_sh[2], batch_sh[2], batch_sh[1])
-        jitted = jax.jit(seeded, in_shardings=ids_sh, out_shardings=batch_sh[4])
-        jitted_latents = jax.jit(fn, in_shardings=ids_sh + (batch_sh[4],),
-                                 out_shardings=batch_sh[4])
+        jitted = jax.jit(fn, in_shardings=(p_sh, batch_sh[2], batch_sh[2], batch_sh[1],
+                                           batch_sh[4]),
+                         out_shardings=batch_sh[4])
+        noise = jax.jit(lambda ids: initial_noise(seed, ids, lat_shape),
+                        in_shardings=batch_sh[1], out_shardings=batch_sh[4])
 
     def call(params, cond_ids, uncond_ids, image_ids, latents=None):
         xp = jnp if mesh is None else np  # host arrays are placed shard by shard below
@@ -236,18 +233,19 @@ def make_sample_fn(
         pad = -n % chunk
         if pad:  # repeat the last image; the padding is computed and dropped
             args = [xp.concatenate([a, xp.repeat(a[-1:], pad, axis=0)]) for a in args]
-        program = jitted if latents is None else jitted_latents
         if mesh is not None:
             params = jax.device_put(params, p_sh)
             args = [sharding.put(a, batch_sh[a.ndim]) for a in args]
+        if latents is None:
+            args.append(noise(args[2]))
+        if mesh is not None:
             with sharding.activation_sharding(mesh):
-                out = program(params, *args)
+                out = jitted(params, *args)
         else:
-            out = program(params, *args)
+            out = jitted(params, *args)
         return out[:n] if pad else out
 
     call.jitted, call.replicas, call.micro_batch, call.mesh = jitted, replicas, micro_batch, mesh
-    call.jitted_latents = jitted_latents
     call.height, call.width, call.latent_shape = height, width, lat_shape
     return call
 
