@@ -3,6 +3,10 @@ r"""Score a set of generated chest X-rays against real ones, per condition and o
     python -m jaxmed.evaluate --generated SYNTH_DIR --real test.csv --out EVAL_DIR \
         [--real-root DIR] [--classifier JUDGE_DIR | --train-classifier train.csv] \
         [--clip CLIP_DIR] [--no-inception] [--inception-weights PATH] [--fid-method auto]
+    python -m jaxmed.evaluate fid DIR1 DIR2 [--method auto]    # two plain image folders
+
+``fid`` is FID-Inception between two folders of images (or saved statistics), as
+``python -m pytorch_fid DIR1 DIR2`` computes it: `jaxmed.eval.folder_fid`.
 
 ``--generated`` is a folder written by ``python -m jaxmed.sample --combinations`` (its
 ``metadata.csv``: ``Path`` + label columns + caption) or any CSV in that format; ``--real``
@@ -39,7 +43,9 @@ study synthesises the same prompts and counts for every strategy, so its compari
 paired. ``--fid-method auto`` (the default) uses pytorch-fid's ``sqrtm`` route when both
 sets have N > d and the exact ``eigh`` route otherwise (real-valued by construction, and
 an N1 x N2 eigenproblem instead of a d x d ``sqrtm``; the two agree to ~1e-6 relative,
-see `jaxmed.eval.fid`). Images are streamed in chunks: only features stay in memory.
+see `jaxmed.eval.fid`); ``metrics.json`` names the route of every cell (``fid_routes``)
+and ``metrics.md`` sums them up. Images are streamed in chunks: only features stay in
+memory.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from jaxmed import files, storage
 from jaxmed.data import read_chexpert_csv
 from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import ALL, CONDITIONS, LABELS
+from jaxmed.eval import folder_fid
 from jaxmed.eval import inception as inception_lib
 from jaxmed.eval.alignment import (
     ClipScorer,
@@ -74,7 +81,7 @@ from jaxmed.eval.classifier import (
     feature_dim,
     train_classifier,
 )
-from jaxmed.eval.fid import RankDeficientWarning, fid_from_features
+from jaxmed.eval.fid import RankDeficientWarning, choose_method, fid_from_features
 from jaxmed.eval.report import COLUMNS, metrics_markdown, write_metrics
 from jaxmed.eval.uncertainty import DEFAULT_B, metric_intervals
 from jaxmed.eval.vendi import vendi_score
@@ -296,14 +303,17 @@ class Evaluator:
         real_f = self.real_features()
         gen_f = self.features(gen, desc="generated features", captions=True)
         notes = list(self.notes)
-        rows = {}
+        rows, routes = {}, {}
         for cond in (*self.conditions, ALL):
             g, r = gen.positives(cond), self.real.positives(cond)
             row: dict[str, Any] = dict.fromkeys(COLUMNS)
             row.update(condition=cond, n_generated=int(g.sum()), n_real=int(r.sum()))
             for kind in ("inception", "domain"):
                 if kind in gen_f:
-                    row[f"fid_{kind}"], note = self._fid(real_f[kind][r], gen_f[kind][g])
+                    row[f"fid_{kind}"], note, route = self._fid(real_f[kind][r],
+                                                                gen_f[kind][g])
+                    if route:
+                        routes.setdefault(cond, {})[kind] = route
                     if note:
                         notes.append(f"{cond}, FID-{kind}: {note}")
             if self.vendi:
@@ -350,6 +360,7 @@ class Evaluator:
             "judge": _describe_classifier(self.judge) if self.judge else None,
             "alignment": alignment,
             "fid_method": self.fid_method,
+            "fid_routes": routes,
             "notes": _dedupe(notes),
             "seconds": round(time.perf_counter() - t0, 2),
         }
@@ -382,13 +393,13 @@ class Evaluator:
                     ci[f"{m}_{kind}"] = iv[m].to_dict()
         return ci
 
-    def _fid(self, real: np.ndarray, gen: np.ndarray) -> tuple[float | None, str]:
+    def _fid(self, real: np.ndarray, gen: np.ndarray) -> tuple[float | None, str, str]:
+        """(FID, note, the route that computed it)."""
         n1, n2, d = real.shape[0], gen.shape[0], real.shape[1]
         if n1 < 2 or n2 < 2:
-            return None, f"too few images for a covariance (real {n1}, generated {n2}; need 2)"
-        method = self.fid_method
-        if method == "auto":
-            method = "sqrtm" if min(n1, n2) > d else "eigh"
+            return (None, f"too few images for a covariance (real {n1}, generated {n2}; "
+                    "need 2)", "")
+        method = choose_method(self.fid_method, n1, n2, d)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RankDeficientWarning)
             value = fid_from_features(real, gen, method=method)
@@ -396,7 +407,7 @@ class Evaluator:
         if any(issubclass(w.category, RankDeficientWarning) for w in caught):
             note = (f"N <= d (real {n1}, generated {n2}, d {d}): rank-deficient covariances, "
                     f"FID biased upwards; compare only at equal N ({method})")
-        return float(value), note
+        return float(value), note, method
 
 
 def save_features(path: str, feats: dict, labels: np.ndarray,
@@ -502,6 +513,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fid"]:
+        return folder_fid.main(argv[1:])
     args = _parser().parse_args(argv)
     conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
     try:

@@ -150,7 +150,8 @@ def abstract_sample_step(config: ml_collections.ConfigDict, sd: StableDiffusion,
     n = per_device * fn.replicas
     tokens = sd.text_encoder.config.max_position_embeddings
     ids = jax.ShapeDtypeStruct((n, tokens), jnp.int32)
-    args = (params, ids, ids, jax.ShapeDtypeStruct((n,), jnp.int32))
+    args = (params, ids, ids, jax.ShapeDtypeStruct((n,), jnp.int32),
+            jax.ShapeDtypeStruct((n, *fn.latent_shape), jnp.float32))
     return Step(fn.jitted, args, per_device, 1, fn.replicas, n,
                 {"sampler": log.sample_sampler, "steps": num_steps,
                  "guidance_scale": log.guidance_scale}, mesh, what="sample")

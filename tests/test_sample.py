@@ -180,9 +180,17 @@ def test_parity_with_diffusers_pipeline(model, tiny_sd_folder, torch):
     prompts = ["Chest X-ray showing Edema, Pleural Effusion",
                "Normal chest X-ray with no significant findings"]
     ids = np.arange(BATCH, dtype=np.int32)
-    ours = np.asarray(shared_fn(sd)(params, np.asarray(sd.tokenize(prompts)),
-                                    np.asarray(sd.tokenize([""] * BATCH)), jnp.asarray(ids)))
-    latents = np.asarray(sampling.initial_noise(SEED, jnp.asarray(ids), (8, 8, 4)))
+    cond, unc = np.asarray(sd.tokenize(prompts)), np.asarray(sd.tokenize([""] * BATCH))
+    fn = shared_fn(sd)
+    ours = np.asarray(fn(params, cond, unc, jnp.asarray(ids)))
+    latents = np.asarray(sampling.initial_noise(SEED, jnp.asarray(ids), fn.latent_shape))
+    # Started from the latents the seed gives these ids (under other ids, so only the
+    # latents can make them agree): the same images.
+    given = np.asarray(fn(params, cond, unc, jnp.asarray(ids + 50), latents=latents))
+    print(f"from given latents vs from the seed: max abs {np.abs(given - ours).max():.2e}")
+    np.testing.assert_allclose(given, ours, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"expected \(2, 8, 8, 4\)"):
+        fn(params, cond, unc, jnp.asarray(ids), latents=latents.transpose(0, 3, 1, 2))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

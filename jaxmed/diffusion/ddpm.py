@@ -1,6 +1,7 @@
 """DDPM (ancestral, Ho et al. 2020) and DDIM (Song et al. 2021) steps, as diffusers'
 DDPMScheduler and DDIMScheduler compute them: the same timestep spacing, the same
-x0 / epsilon algebra, one pure ``step(state, model_output, i, sample)`` each."""
+x0 / epsilon algebra, one pure ``step(state, model_output, i, sample)`` each, returning a
+`StepOutput` (prev_sample, state, pred_original_sample)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from flax import struct
 
 from jaxmed.diffusion.schedule import (
     NoiseSchedule,
+    StepOutput,
     alpha_at,
     check_steps,
     is_number,
     numpy_schedule,
     resolve_config,
+    x0_and_eps,
 )
 
 __all__ = [
@@ -43,19 +46,6 @@ def _spaced_timesteps(cfg: Mapping[str, Any], n: int) -> np.ndarray:
     else:  # trailing
         ts = np.round(np.arange(t_train, 0, -t_train / n)) - 1
     return np.ascontiguousarray(ts).astype(np.int64)
-
-
-def _x0_and_eps(
-    prediction_type: str, model_output: jax.Array, sample: jax.Array, a_t: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    b_t = 1 - a_t
-    if prediction_type == "epsilon":
-        return (sample - b_t**0.5 * model_output) / a_t**0.5, model_output
-    if prediction_type == "v_prediction":
-        x0 = a_t**0.5 * sample - b_t**0.5 * model_output
-        return x0, a_t**0.5 * model_output + b_t**0.5 * sample
-    x0 = model_output  # "sample"
-    return x0, (sample - a_t**0.5 * x0) / b_t**0.5
 
 
 def _noise_for(key: jax.Array | None, i: jax.Array, like: jax.Array, who: str) -> jax.Array:
@@ -120,11 +110,12 @@ def ddpm_step(
     i: jax.Array | int,
     sample: jax.Array,
     noise: jax.Array | None = None,
-) -> tuple[jax.Array, DDPMState]:
+) -> StepOutput:
     """One ancestral step x_t -> x_{t_prev} (diffusers DDPMScheduler.step).
 
     ``i`` indexes ``state.timesteps``; the previous timestep is the next entry (or -1 after
-    the last). ``noise`` overrides the key-derived N(0, 1) draw.
+    the last). ``noise`` overrides the key-derived N(0, 1) draw. Returns (prev_sample,
+    state, pred_original_sample), the last as diffusers' (x0, clipped if clip_sample).
     """
     ts, acp = state.timesteps, state.alphas_cumprod
     n = ts.shape[0]
@@ -136,7 +127,7 @@ def ddpm_step(
     cur_alpha = a_t / a_prev
     cur_beta = 1 - cur_alpha
 
-    x0, _ = _x0_and_eps(state.prediction_type, model_output, sample, a_t)
+    x0, _ = x0_and_eps(state.prediction_type, model_output, sample, a_t)
     if state.clip_sample:
         x0 = jnp.clip(x0, -state.clip_sample_range, state.clip_sample_range)
 
@@ -156,7 +147,7 @@ def ddpm_step(
         std = cur_beta**0.5
     # No noise is added on the step that lands on t = 0 (the final, clean sample).
     prev = jnp.where(t > 0, prev + std * noise, prev)
-    return prev.astype(sample.dtype), state
+    return StepOutput(prev.astype(sample.dtype), state, x0.astype(sample.dtype))
 
 
 # ----------------------------------------------------------------------------- DDIM
@@ -223,8 +214,9 @@ def ddim_step(
     i: jax.Array | int,
     sample: jax.Array,
     noise: jax.Array | None = None,
-) -> tuple[jax.Array, DDIMState]:
-    """One DDIM step (Song et al. 2021, eq. 12), as diffusers DDIMScheduler.step."""
+) -> StepOutput:
+    """One DDIM step (Song et al. 2021, eq. 12), as diffusers DDIMScheduler.step: (prev_sample,
+    state, pred_original_sample)."""
     acp = state.alphas_cumprod
     t = state.timesteps[i]
     prev_t = t - state.step_ratio
@@ -232,7 +224,7 @@ def ddim_step(
     a_prev = alpha_at(acp, prev_t, state.final_alpha_cumprod)
     b_t = 1 - a_t
 
-    x0, eps = _x0_and_eps(state.prediction_type, model_output, sample, a_t)
+    x0, eps = x0_and_eps(state.prediction_type, model_output, sample, a_t)
     if state.clip_sample:
         x0 = jnp.clip(x0, -state.clip_sample_range, state.clip_sample_range)
 
@@ -246,7 +238,7 @@ def ddim_step(
         if noise is None:
             noise = _noise_for(state.key, i, model_output, "DDIM with eta > 0")
         prev = prev + std * noise
-    return prev.astype(sample.dtype), state
+    return StepOutput(prev.astype(sample.dtype), state, x0.astype(sample.dtype))
 
 # ----------------------------------------------------------------------------- for make_sampler
 

@@ -13,6 +13,7 @@ from flax import struct
 
 from jaxmed.diffusion.schedule import (
     NoiseSchedule,
+    StepOutput,
     check_steps,
     numpy_schedule,
     resolve_config,
@@ -116,11 +117,13 @@ def dpmpp_2m_step(
     model_output: jax.Array,
     i: jax.Array | int,
     sample: jax.Array,
-) -> tuple[jax.Array, DPMSolverState]:
+) -> StepOutput:
     """One DPM-Solver++(2M) step (Lu et al. 2022), as diffusers DPMSolverMultistepScheduler.
 
     The solver works on x0 predictions; the first step (no history yet) and, by default, the
     last step (which lands on sigma = 0, where the log-SNR is infinite) are first order.
+    Returns (prev_sample, state, pred_original_sample): the last is that x0 prediction
+    (diffusers' ``convert_model_output``).
     """
     sigmas = state.sigmas
     n = state.timesteps.shape[0]
@@ -172,7 +175,7 @@ def dpmpp_2m_step(
         model_outputs=outputs,
         lower_order_nums=jnp.minimum(state.lower_order_nums + 1, state.solver_order),
     )
-    return prev.astype(sample.dtype), new_state
+    return StepOutput(prev.astype(sample.dtype), new_state, x0.astype(sample.dtype))
 
 # ----------------------------------------------------------------------------- for make_sampler
 

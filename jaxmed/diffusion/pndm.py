@@ -13,11 +13,13 @@ from flax import struct
 
 from jaxmed.diffusion.schedule import (
     NoiseSchedule,
+    StepOutput,
     alpha_at,
     check_steps,
     numpy_schedule,
     resolve_config,
     shape_dtype,
+    x0_and_eps,
 )
 
 __all__ = ["PNDMState", "pndm_set_timesteps", "pndm_step"]
@@ -105,11 +107,14 @@ def pndm_step(
     model_output: jax.Array,
     i: jax.Array | int,
     sample: jax.Array,
-) -> tuple[jax.Array, PNDMState]:
+) -> StepOutput:
     """One PLMS step (diffusers PNDMScheduler.step_plms), jit/scan friendly.
 
     The stored history ``ets`` holds raw model outputs; the Adams-Bashforth order grows
     1, (improved Euler), 2, 3, 4 over the first steps, selected by ``state.counter``.
+    Returns (prev_sample, state, pred_original_sample). diffusers' PNDM returns no x0; here
+    it is the one this step's model output implies at ``sample`` and ``timesteps[i]`` (the
+    timestep the model was called at), as DDIM's formula gives it.
     """
     c = state.counter
     t = state.timesteps[i]
@@ -136,7 +141,8 @@ def pndm_step(
     eps = jax.lax.switch(jnp.minimum(c, 4), branches)
     prev = _pndm_prev_sample(state, x_from, t_from, t_to, eps)
     new_state = state.replace(ets=ets, cur_sample=cur_sample, counter=c + 1)
-    return prev.astype(sample.dtype), new_state
+    x0, _ = x0_and_eps(state.prediction_type, model_output, sample, state.alphas_cumprod[t])
+    return StepOutput(prev.astype(sample.dtype), new_state, x0.astype(sample.dtype))
 
 # ----------------------------------------------------------------------------- for make_sampler
 

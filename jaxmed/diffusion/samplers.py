@@ -8,7 +8,7 @@ function usable under ``jax.jit``, ``lax.scan`` and ``lax.fori_loop``::
     state = sampler.init_state(latents, key)
     for i in range(len(sampler.timesteps)):                 # or sample_loop(...) with lax.scan
         eps = unet(latents, sampler.timesteps[i])
-        latents, state = sampler.step(state, eps, i, latents)
+        latents, state, x0 = sampler.step(state, eps, i, latents)  # x0: the clean estimate
 
 ``i`` is the index into ``sampler.timesteps`` (not the timestep value). The configuration
 (a scheduler_config.json dict or a `NoiseSchedule`) is read as `jaxmed.diffusion.schedule`
@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxmed.diffusion import ddpm, dpm_solver, pndm
-from jaxmed.diffusion.schedule import NoiseSchedule, resolve_config
+from jaxmed.diffusion.schedule import NoiseSchedule, StepOutput, resolve_config
 
-__all__ = ["SAMPLERS", "Sampler", "init_noise_sigma", "make_sampler", "sample_loop"]
+__all__ = ["SAMPLERS", "Sampler", "StepOutput", "init_noise_sigma", "make_sampler",
+           "sample_loop"]
 
 # Every sampler here starts from unit-variance Gaussian noise.
 init_noise_sigma = 1.0
@@ -58,8 +59,9 @@ class Sampler:
         seeds the noise of stochastic samplers (DDPM, DDIM with eta > 0)."""
         return self._init(sample, key)
 
-    def step(self, state, model_output, i, sample, **kwargs):
-        """(prev_sample, new_state) from the model output at ``timesteps[i]``."""
+    def step(self, state, model_output, i, sample, **kwargs) -> StepOutput:
+        """(prev_sample, new_state, pred_original_sample) from the model output at
+        ``timesteps[i]`` (a `StepOutput`; x0 as diffusers' ``pred_original_sample``)."""
         return self._step(state, model_output, i, sample, **kwargs)
 
     def scale_model_input(self, sample: jax.Array, i: Any = None) -> jax.Array:
@@ -119,7 +121,7 @@ def sample_loop(
         x, st = carry
         t = sampler.timesteps[i]
         out = model_fn(sampler.scale_model_input(x, i), t)
-        x, st = sampler.step(st, out, i, x)
+        x, st, _ = sampler.step(st, out, i, x)
         return (x, st), (x if return_trajectory else None)
 
     idx = jnp.arange(sampler.num_inference_steps)

@@ -1,14 +1,16 @@
 """The guided sampling function: seeded noise, classifier-free guidance, and the whole
 denoising loop inside one jitted function.
 
-`make_sample_fn` builds ``fn(params, cond_ids, uncond_ids, image_ids) -> images`` for a
-model, sampler, number of steps, guidance scale and size. Every image's starting noise
-comes from ``fold_in(PRNGKey(seed), image_id)`` (and the per-step noise of the stochastic
-samplers from ``fold_in(fold_in(fold_in(PRNGKey(seed), image_id), 1), step)``), so an image
-is a function of the seed and its id only, whichever batch, padding or number of devices
-computes it. Bit for bit too with ``micro_batch`` set (synthesis defaults to 1): each device
-then runs the same program on m images at a time, whatever the device count, whereas CPU
-GEMM blocking depends on the batch size and moves results by ~1e-6.
+`make_sample_fn` builds ``fn(params, cond_ids, uncond_ids, image_ids, latents=None) ->
+images`` for a model, sampler, number of steps, guidance scale and size. Every image's
+starting noise comes from ``fold_in(PRNGKey(seed), image_id)`` (`initial_noise`) unless
+given as ``latents`` (as diffusers pipelines' ``latents=``), and the per-step noise of the
+stochastic samplers from ``fold_in(fold_in(fold_in(PRNGKey(seed), image_id), 1), step)``,
+so an image is a function of the seed, its id and its latents only, whichever batch,
+padding or number of devices computes it. Bit for bit too with ``micro_batch`` set
+(synthesis defaults to 1): each device then runs the same program on m images at a time,
+whatever the device count, whereas CPU GEMM blocking depends on the batch size and moves
+results by ~1e-6.
 
 Classifier-free guidance runs the unconditional and conditional branches as one batch of
 2B, as diffusers does, except at guidance 1, where ``u + 1 * (c - u)`` is the conditional
@@ -107,11 +109,16 @@ def make_sample_fn(
     micro_batch: int | None = None,
     skip_uncond_at_one: bool = True,
 ):
-    """A jitted ``fn(params, cond_ids, uncond_ids, image_ids) -> (B, H, W, 3) float32 [0, 1]``.
+    """A jitted ``fn(params, cond_ids, uncond_ids, image_ids, latents=None) -> (B, H, W, 3)
+    float32 [0, 1]``.
 
     ``params`` are plain (adapter-free) params {'unet', 'vae', 'text_encoder'}: fold any
     adapter in first with `Strategy.export`. ``cond_ids`` / ``uncond_ids`` are (B, 77) token
-    ids, ``image_ids`` (B,) int32 global image ids (they seed the noise).
+    ids, ``image_ids`` (B,) int32 global image ids (they seed the noise). ``latents``, if
+    given, are the starting noise instead of ``initial_noise(seed, image_ids, ...)``:
+    (B, H/f, W/f, C) channels-last for VAE factor f (``fn.latent_shape`` per image), times the
+    sampler's init_noise_sigma as diffusers' pipelines do with theirs (a diffusers
+    ``latents`` tensor (B, C, h, w) becomes ``latents.permute(0, 2, 3, 1)``).
 
     With ``mesh``: inputs and output are sharded on the batch axis over ('data', 'fsdp'),
     params replicated (or placed by ``params_sharding``, a sharding or a tree of them); the
@@ -124,8 +131,9 @@ def make_sample_fn(
     only to ~1e-6. With ``micro_batch=m`` each device runs its shard m images at a time
     (``lax.map``), so the per-device program is the same whatever the device count and
     the images are bitwise identical for a given m; batches are padded to a multiple of
-    m x the batch shards. ``fn.jitted`` is the jitted function (for ``.lower().compile()``),
-    ``fn.replicas`` the number of batch shards.
+    m x the batch shards. ``fn.jitted`` is the jitted function (for ``.lower().compile()``;
+    its arguments are ``fn``'s, ``latents`` always given), ``fn.replicas`` the number of
+    batch shards.
     """
     if sampler not in samplers.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} "
@@ -152,21 +160,21 @@ def make_sample_fn(
             return x
         return jax.lax.with_sharding_constraint(x, batch_sh[x.ndim])
 
-    def run(params, cond_ids, uncond_ids, image_ids):
+    def run(params, cond_ids, uncond_ids, image_ids, latents):
         ctx = sd.encode_text(params["text_encoder"], cond_ids)
         uctx = None
         if not (guidance_scale == 1.0 and skip_uncond_at_one):
             uctx = sd.encode_text(params["text_encoder"], uncond_ids)
         model_fn = guided_model_fn(sd, params["unet"], ctx, uctx, guidance_scale,
                                    skip_uncond_at_one=skip_uncond_at_one)
-        x = constrain(initial_noise(seed, image_ids, lat_shape) * smp.init_noise_sigma)
+        x = constrain(latents.astype(jnp.float32) * smp.init_noise_sigma)
         state = smp.init_state(x, jax.random.PRNGKey(seed) if stochastic else None)
 
         def body(carry, i):
             x, st = carry
             out = model_fn(smp.scale_model_input(x, i), smp.timesteps[i])
             kw = {"noise": step_noise(seed, image_ids, i, lat_shape)} if stochastic else {}
-            x, st = smp.step(st, out, i, x, **kw)
+            x, st, _ = smp.step(st, out, i, x, **kw)
             return (constrain(x), st), None
 
         (latents, _), _ = jax.lax.scan(body, (x, state), jnp.arange(smp.num_inference_steps))
@@ -176,9 +184,9 @@ def make_sample_fn(
     replicas = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     chunk = replicas * (micro_batch or 1)
 
-    def fn(params, cond_ids, uncond_ids, image_ids):
+    def fn(params, cond_ids, uncond_ids, image_ids, latents):
         if micro_batch is None:
-            return run(params, cond_ids, uncond_ids, image_ids)
+            return run(params, cond_ids, uncond_ids, image_ids, latents)
         # Each device runs its shard micro_batch images at a time (lax.map), so the
         # per-device program, and hence every image bit, is the same for any device count.
         b, m = image_ids.shape[0], micro_batch
@@ -188,31 +196,49 @@ def make_sample_fn(
             return jnp.swapaxes(a.reshape((replicas, k, m) + a.shape[1:]), 0, 1)
 
         def one(args):
-            c, u, i = (constrain(a.reshape((replicas * m,) + a.shape[2:])) for a in args)
-            out = run(params, c, u, i)
+            c, u, i, lat = (constrain(a.reshape((replicas * m,) + a.shape[2:])) for a in args)
+            out = run(params, c, u, i, lat)
             return out.reshape((replicas, m) + out.shape[1:])
 
-        out = jax.lax.map(one, tuple(split(a) for a in (cond_ids, uncond_ids, image_ids)))
+        out = jax.lax.map(one, tuple(split(a) for a in (cond_ids, uncond_ids, image_ids,
+                                                        latents)))
         return constrain(jnp.swapaxes(out, 0, 1).reshape((b,) + out.shape[3:]))
 
+    # One sampling program whether the latents are seeded or given: the seeded ones come
+    # from a small program of their own.
     if mesh is None:
         jitted = jax.jit(fn)
+        noise = jax.jit(lambda ids: initial_noise(seed, ids, lat_shape))
         p_sh = None
     else:
         p_sh = params_sharding if params_sharding is not None else sharding.replicated(mesh)
-        jitted = jax.jit(fn, in_shardings=(p_sh, batch_sh[2], batch_sh[2], batch_sh[1]),
+        jitted = jax.jit(fn, in_shardings=(p_sh, batch_sh[2], batch_sh[2], batch_sh[1],
+                                           batch_sh[4]),
                          out_shardings=batch_sh[4])
+        noise = jax.jit(lambda ids: initial_noise(seed, ids, lat_shape),
+                        in_shardings=batch_sh[1], out_shardings=batch_sh[4])
 
-    def call(params, cond_ids, uncond_ids, image_ids):
+    def call(params, cond_ids, uncond_ids, image_ids, latents=None):
         xp = jnp if mesh is None else np  # host arrays are placed shard by shard below
         args = [xp.asarray(cond_ids), xp.asarray(uncond_ids), xp.asarray(image_ids, np.int32)]
         n = args[2].shape[0]
+        if latents is not None:
+            latents = xp.asarray(latents, np.float32)
+            if latents.shape != (n, *lat_shape):
+                raise ValueError(
+                    f"latents of shape {tuple(latents.shape)}: expected {(n, *lat_shape)} "
+                    f"(batch, height/{f}, width/{f}, channels: channels last) for "
+                    f"{n} images of {height}x{width}")
+            args.append(latents)
         pad = -n % chunk
         if pad:  # repeat the last image; the padding is computed and dropped
             args = [xp.concatenate([a, xp.repeat(a[-1:], pad, axis=0)]) for a in args]
         if mesh is not None:
             params = place_params(params, p_sh)
             args = [sharding.put(a, batch_sh[a.ndim]) for a in args]
+        if latents is None:
+            args.append(noise(args[2]))
+        if mesh is not None:
             with sharding.activation_sharding(mesh):
                 out = jitted(params, *args)
         else:
@@ -220,7 +246,7 @@ def make_sample_fn(
         return out[:n] if pad else out
 
     call.jitted, call.replicas, call.micro_batch, call.mesh = jitted, replicas, micro_batch, mesh
-    call.height, call.width = height, width
+    call.height, call.width, call.latent_shape = height, width, lat_shape
     return call
 
 
@@ -252,16 +278,18 @@ def generate(
     first_id: int = 0,
     fn=None,
     negative_prompt: str = "",
+    latents=None,
     **kwargs,
 ) -> np.ndarray:
-    """Images (N, H, W, 3) uint8 for ``prompts``; ids first_id.. seed their noise."""
+    """Images (N, H, W, 3) uint8 for ``prompts``; ids first_id.. seed their noise, or
+    ``latents`` (N, h, w, C) are their starting noise (see `make_sample_fn`)."""
     fn = fn or make_sample_fn(sd, **kwargs)
     cond = np.asarray(sd.tokenize(list(prompts)))
     uncond = empty_ids(sd, len(prompts), negative_prompt)
     ids = np.arange(first_id, first_id + len(prompts), dtype=np.int32)
     if getattr(fn, "mesh", None) is None:
         ids = jnp.asarray(ids)
-    images = fn(params, cond, uncond, ids)
+    images = fn(params, cond, uncond, ids, latents)
     return to_uint8(images)
 
 

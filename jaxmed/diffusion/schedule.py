@@ -14,7 +14,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from flax import struct
 
 __all__ = [
     "NoiseSchedule",
+    "StepOutput",
     "add_noise",
     "from_config",
     "from_pretrained",
@@ -407,6 +408,32 @@ def shape_dtype(sample: Any) -> tuple[tuple[int, ...], Any]:
     return tuple(sample.shape), sample.dtype
 
 
+def x0_and_eps(
+    prediction_type: str, model_output: jax.Array, sample: jax.Array, a_t: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(x0, epsilon) implied by a model output at ``sample`` where alphas_cumprod is ``a_t``,
+    for prediction type epsilon, v_prediction or sample (diffusers' formulas)."""
+    b_t = 1 - a_t
+    if prediction_type == "epsilon":
+        return (sample - b_t**0.5 * model_output) / a_t**0.5, model_output
+    if prediction_type == "v_prediction":
+        x0 = a_t**0.5 * sample - b_t**0.5 * model_output
+        return x0, a_t**0.5 * model_output + b_t**0.5 * sample
+    x0 = model_output  # "sample"
+    return x0, (sample - a_t**0.5 * x0) / b_t**0.5
+
+
 def alpha_at(acp: jax.Array, t: jax.Array, fallback: jax.Array) -> jax.Array:
     # alphas_cumprod[t] for t >= 0, else `fallback`: a negative index must not wrap around.
     return jnp.where(t >= 0, acp[jnp.maximum(t, 0)], fallback)
+
+
+class StepOutput(NamedTuple):
+    """What every sampler step returns (diffusers' SchedulerOutput, plus the state):
+    ``prev_sample`` (x at the next timestep), the sampler's new ``state``, and
+    ``pred_original_sample``, the clean sample x0 the step predicts from the model output
+    (clipped where the config clips it), e.g. to preview a sample or guide it."""
+
+    prev_sample: jax.Array
+    state: Any
+    pred_original_sample: jax.Array

@@ -79,9 +79,23 @@ def feature_stats(features: Any, *, name: str = "features") -> tuple[np.ndarray,
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write ``mu`` / ``sigma`` as pytorch-fid's ``.npz`` statistics file."""
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray,
+               n: int | None = None) -> None:
+    """Write ``mu`` / ``sigma`` as pytorch-fid's ``.npz`` statistics file (and ``n``, the
+    number of samples, when given: pytorch-fid ignores it; `choose_method` reads it)."""
+    extra = {} if n is None else {"n": np.int64(n)}
+    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
+
+
+def choose_method(method: str, n1: int | None, n2: int | None, d: int) -> str:
+    """The route ``method`` (auto, sqrtm or eigh) takes for sets of n1 and n2 samples in d
+    dimensions: auto is pytorch-fid's sqrtm when both have N > d (an unknown N counts as
+    such), else eigh (exact where the covariances are rank-deficient)."""
+    if method not in ("auto", *METHODS):
+        raise ValueError(f"fid method must be auto or one of {METHODS}; got {method!r}")
+    if method != "auto":
+        return method
+    return "sqrtm" if all(n is None or n > d for n in (n1, n2)) else "eigh"
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -84,7 +84,9 @@ def read_json(path: str) -> Any:
 
 
 def fmt(v: Any, digits: int = 3) -> str:
-    """A table cell: None / NaN -> "—", ints as ints, floats to ``digits`` significant-ish."""
+    """A table cell: None / NaN -> "—", ints as ints, floats to ``digits`` decimals below
+    100 and 2 above (an FID of 398.21: finer than its sampling noise at the study's N, so
+    tables agree to the digits shown; metrics.json and metrics.csv keep full precision)."""
     if v is None:
         return DASH
     if isinstance(v, (bool, np.bool_)):
@@ -97,7 +99,7 @@ def fmt(v: Any, digits: int = 3) -> str:
             return DASH
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
             return f"{v:.3g}"
-        return f"{v:.{digits}f}" if abs(v) < 100 else f"{v:.1f}"
+        return f"{v:.{digits}f}" if abs(v) < 100 else f"{v:.2f}"
     return str(v)
 
 
@@ -114,7 +116,7 @@ def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     w.writerow(headers)
     for r in rows:
         w.writerow(["" if (v is None or (isinstance(v, float) and not math.isfinite(v)))
-                    else (f"{v:.6g}" if isinstance(v, float) else v) for v in r])
+                    else (repr(float(v)) if isinstance(v, float) else v) for v in r])
     return buf.getvalue()
 
 
@@ -135,13 +137,30 @@ def metrics_markdown(result: Mapping) -> str:
     rows = [[result["rows"][c].get(k) for k in cols] for c in result["conditions"]]
     out = [f"# Evaluation: {result['generated']}", "",
            f"Real images: {result['real']} ({result['n_real']}); generated: "
-           f"{result['n_generated']}. FID route: {result.get('fid_method', 'auto')}.", "",
+           f"{result['n_generated']}. FID route: {fid_routes_text(result)}.", "",
            md_table([COLUMN_TITLES.get(c, c) for c in cols], rows), ""]
     if not result["inception"]["available"]:
         out += ["FID-Inception: missing. " + result["inception"]["message"], ""]
     if result.get("notes"):
         out += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(out)
+
+
+def fid_routes_text(result: Mapping) -> str:
+    """The FID method asked for and the routes that computed the cells, e.g. "auto (eigh:
+    Edema, Pneumothorax; sqrtm: No Finding, all)" (per cell and feature kind in
+    metrics.json's ``fid_routes``)."""
+    method = result.get("fid_method", "auto")
+    by_route: dict[str, list[str]] = {}
+    for cond, kinds in result.get("fid_routes", {}).items():
+        for route in sorted(set(kinds.values())):
+            by_route.setdefault(route, []).append(cond)
+    if not by_route:
+        return method
+    if len(by_route) == 1:
+        return f"{method} ({next(iter(by_route))} for every cell)"
+    return f"{method} (" + "; ".join(f"{r}: {', '.join(c)}"
+                                     for r, c in sorted(by_route.items())) + ")"
 
 
 def write_metrics(result: Mapping, out_dir: str) -> dict:

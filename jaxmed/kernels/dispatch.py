@@ -60,6 +60,15 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return reference.matmul(x, w)
 
 
+def weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """x (M, K)^T @ dy (M, N) -> (K, N) (a dense layer's weight gradient); on CPU, float32
+    with N a multiple of 16, by `cpu_dense`'s kernel, which reads both in place."""
+    if (x.dtype == jnp.float32 and dy.dtype == jnp.float32
+            and cpu_dense.wins(*x.shape, dy.shape[1]) and cpu_dense.available()):
+        return on_cpu(cpu_dense.wgrad, reference.weight_grad, x, dy)
+    return reference.weight_grad(x, dy)
+
+
 def conv(x: jax.Array, w: jax.Array, strides: int = 1,
          padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))) -> jax.Array:
     """2-D convolution of x (N, H, W, Ci) with w (kh, kw, Ci, Co), NHWC x HWIO, explicit

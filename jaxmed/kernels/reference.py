@@ -13,6 +13,12 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x, w)
 
 
+def weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """x (M, K)^T @ dy (M, N) -> (K, N), contracting both leading (token) axes: a dense
+    layer's weight gradient."""
+    return lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
+
+
 def conv(x: jax.Array, w: jax.Array, strides: int = 1,
          padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))) -> jax.Array:
     """2-D convolution of x (N, H, W, Ci) with w (kh, kw, Ci, Co), explicit padding pairs."""

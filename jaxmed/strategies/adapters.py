@@ -1,17 +1,19 @@
 """What the adapter strategies (LoRA, DoRA) share: `AdapterStrategy`, new weights on the
-Linear layers that target patterns name, added as an unmerged branch while a component runs.
+Linear layers that target patterns name, applied while a component runs (never stored merged).
 
 The branch is added by intercepting the targeted `jaxmed.models.layers.Linear` calls
 (``nn.intercept_methods``), so the frozen weight gets no weight gradient, input dropout on
 the branch behaves as in peft, and the model code knows nothing of adapters. A subclass
-says what the adapter is: its new weights (`AdapterStrategy.new_adapter`), its branch
-(`AdapterStrategy.add_branch`) and how it folds into the kernel (`AdapterStrategy.merge`).
+says what the adapter is: its new weights (`AdapterStrategy.new_adapter`), the adapted
+layer's output (`AdapterStrategy.add_branch`, which may run the layer itself or compute
+its output another way) and how it folds into the kernel (`AdapterStrategy.merge`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -19,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmed.kernels import dispatch
 from jaxmed.models.layers import Linear
 from jaxmed.strategies.base import (
     COMPONENTS,
@@ -33,8 +36,9 @@ from jaxmed.strategies.base import (
 )
 
 ModulePath = tuple[str, ...]
-# (module path, the layer's input, the layer's output) -> the output with the branch added
-Branch = Callable[[ModulePath, jax.Array, jax.Array], jax.Array]
+# (module path, the Linear, its input, a thunk that runs the layer as it is) -> the output
+# with the branch added
+Branch = Callable[[ModulePath, Linear, jax.Array, Callable[[], jax.Array]], jax.Array]
 
 
 def get_path(tree: Mapping, path: ModulePath) -> Any:
@@ -91,8 +95,9 @@ def adapter_table(sub: Params, leaves: Iterable[str]) -> dict[ModulePath, dict]:
 
 @contextlib.contextmanager
 def add_to_linears(paths: Iterable[ModulePath], branch: Branch) -> Iterator[None]:
-    """While active, each Linear at one of ``paths`` returns ``branch(path, x, y)`` instead
-    of its output ``y`` for input ``x``; other modules run unchanged."""
+    """While active, each Linear at one of ``paths`` returns ``branch(path, module, x,
+    layer)`` for input ``x``, where ``layer()`` is its own output (computed only if the
+    branch calls it); other modules run unchanged."""
     paths = frozenset(paths)
     if not paths:
         yield
@@ -105,7 +110,7 @@ def add_to_linears(paths: Iterable[ModulePath], branch: Branch) -> Iterator[None
         path = tuple(mod.path)
         if path not in paths:
             return next_fun(*args, **kwargs)
-        return branch(path, args[0], next_fun(*args, **kwargs))
+        return branch(path, mod, args[0], lambda: next_fun(*args, **kwargs))
 
     with nn.intercept_methods(interceptor):
         yield
@@ -168,14 +173,14 @@ class AdapterStrategy(Strategy):
             rng = jax.random.fold_in(rng, COMPONENTS.index(component))
         index = {m: i for i, m in enumerate(sorted(table))}
 
-        def branch(path, x, y):
+        def branch(path, module, x, layer):
             xd = x
             if dropout:
                 keep = jax.random.bernoulli(
                     jax.random.fold_in(rng, index[path]), 1.0 - self.dropout, x.shape)
                 xd = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
-            return self.add_branch(table[path], get_path(frozen[component], path), xd, y,
-                                   dropout)
+            return self.add_branch(table[path], get_path(frozen[component], path), xd,
+                                   layer, dropout, module.dtype)
 
         with add_to_linears(table, branch):
             yield
@@ -196,13 +201,59 @@ class AdapterStrategy(Strategy):
         path below the layer."""
         raise NotImplementedError
 
-    def add_branch(self, entry: dict, base: dict, xd: jax.Array, y: jax.Array,
-                   dropout: bool) -> jax.Array:
-        """The layer's output ``y`` plus the adapter's branch on ``xd`` (its input, after
-        dropout when ``dropout``); ``entry`` holds the adapter's leaves (`adapter_table`),
-        ``base`` the layer's frozen kernel and bias."""
+    def add_branch(self, entry: dict, base: dict, xd: jax.Array,
+                   layer: Callable[[], jax.Array], dropout: bool, dtype) -> jax.Array:
+        """The adapted layer's output: its own output (``layer()``, in compute dtype
+        ``dtype``) plus the adapter's branch on ``xd`` (its input, after dropout when
+        ``dropout``, else the input itself); ``entry`` holds the adapter's leaves
+        (`adapter_table`), ``base`` the layer's frozen kernel and bias."""
         raise NotImplementedError
 
     def merge(self, w: jax.Array, entry: dict) -> jax.Array:
         """The kernel ``w`` with the adapter folded in."""
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------
+# The low-rank adapted matmul (LoRA without dropout)
+
+
+def merge_kernel(w: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
+    """W + s A B: the kernel with the adapter folded in (what `LoraStrategy.export` writes)."""
+    return w + scaling * a @ b
+
+
+# Why a custom gradient: autodiff of the unmerged y = x W + s (x A) B adds, per targeted
+# layer, a (tokens, r) x (r, out) product to the forward pass and, to the backward pass, the
+# branch's share of dx plus products contracting the token axis with outputs only r wide,
+# which XLA:CPU runs through transposed copies; each costs about as much as the layer's own
+# matmul there (tokens x in x out), so a LoRA step saved little over full fine-tuning.
+# Folding the adapter into the kernel first is one matmul forward and one for dx backward,
+# the adapter's gradients are four rank-r products, and the frozen kernel's full gradient
+# x^T dy is returned but unused, so jit drops it.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
+                scaling: float) -> jax.Array:
+    """x (..., in) @ (w + scaling * a @ b) in x's dtype, for a kernel w (in, out) and LoRA
+    factors a (in, r), b (r, out): a LoRA layer's output without its bias."""
+    return jnp.dot(x, merge_kernel(w, a, b, scaling).astype(x.dtype))
+
+
+def _lora_matmul_fwd(x, w, a, b, scaling):
+    return lora_matmul(x, w, a, b, scaling), (x, w, a, b)
+
+
+def _lora_matmul_bwd(scaling, res, dy):
+    x, w, a, b = res
+    dt = dy.dtype
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dx = jnp.dot(dy, merge_kernel(w, a, b, scaling).astype(dt).T)
+    u = jnp.dot(x2, a.astype(dt))  # (tokens, r): x A
+    t = jnp.dot(dy2, b.astype(dt).T)  # (tokens, r): dy B^T
+    da = scaling * dispatch.weight_grad(t, x2).T  # s x^T dy B^T, (in, r)
+    db = scaling * dispatch.weight_grad(u, dy2)  # s A^T x^T dy, (r, out)
+    dw = dispatch.weight_grad(x2, dy2)  # frozen in LoRA training: never computed there
+    return dx, dw.astype(w.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)

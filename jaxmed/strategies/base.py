@@ -12,8 +12,8 @@ and says how to get the parameters the models run with:
 * ``combine(trainable, frozen)``: a pure function giving effective params (merge of the two
   trees, or weights rebuilt from adapters: W + dW, U diag(s + ds) V^T, ...);
 * ``intercept(component, trainable, frozen, rng, train)``: a context manager that adds
-  unmerged adapter branches to targeted layers while a component runs (LoRA / DoRA: cheaper
-  than merging, and the only way to honour LoRA dropout exactly as peft does);
+  adapter branches to targeted layers while a component runs (LoRA / DoRA: only the layers'
+  adapters get gradients, never the frozen kernels, and LoRA dropout acts as in peft);
 * ``export(trainable, frozen)``: plain params with every adapter folded in.
 
 Module names that strategies match are PyTorch's (``down_blocks.0.attentions.0.

@@ -27,9 +27,9 @@ class DoraStrategy(LoraStrategy):
         adapter[("lora_magnitude_vector",)] = jnp.linalg.norm(kernel, axis=0)
         return adapter
 
-    def add_branch(self, entry: dict, base: dict, xd: jax.Array, y: jax.Array,
-                   dropout: bool) -> jax.Array:
-        dt = y.dtype
+    def add_branch(self, entry: dict, base: dict, xd: jax.Array, layer, dropout: bool,
+                   dtype) -> jax.Array:
+        y, dt = layer(), dtype
         lora = self.lora_out(entry, xd, dt)
         w = base["kernel"]
         norm = jax.lax.stop_gradient(column_norm(w, entry, self.scaling))

@@ -4,10 +4,12 @@ For a targeted Linear ``y = x W + b`` (W stored (in, out)) with rank r and scali
 ``y + s * (dropout(x) A) B`` with A (in, r) kaiming-uniform and B (r, out) zero. DoRA
 (`jaxmed.strategies.dora`) is this strategy with a learned magnitude per output unit.
 
-The branches are added unmerged while a component runs (`jaxmed.strategies.adapters`), so
-the frozen W gets no weight gradient and LoRA dropout behaves as in peft. `export` folds
-them into plain weights; `save_peft` / `load_peft` write and read peft's on-disk format
-(`jaxmed.strategies.peft`).
+The adapters are applied while a component runs (`jaxmed.strategies.adapters`), never
+stored merged, so the frozen W gets no weight gradient and LoRA dropout behaves as in peft.
+Without dropout a targeted layer runs as `adapters.lora_matmul`: one matmul with the kernel
+W + s A B formed on the fly, and a backward pass of rank-r products (see there for why).
+`export` folds the adapters into plain weights; `save_peft` / `load_peft` write and read
+peft's on-disk format (`jaxmed.strategies.peft`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxmed.models.layers import torch_default_init
 from jaxmed.strategies import peft
-from jaxmed.strategies.adapters import AdapterStrategy
+from jaxmed.strategies.adapters import AdapterStrategy, lora_matmul, merge_kernel
 from jaxmed.strategies.base import Params, StrategyError
 
 STUDY_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -43,12 +45,17 @@ class LoraStrategy(AdapterStrategy):
         a, b = entry["lora_A"]["kernel"].astype(dt), entry["lora_B"]["kernel"].astype(dt)
         return jnp.dot(jnp.dot(xd.astype(dt), a), b) * self.scaling
 
-    def add_branch(self, entry: dict, base: dict, xd: jax.Array, y: jax.Array,
-                   dropout: bool) -> jax.Array:
-        return y + self.lora_out(entry, xd, y.dtype)
+    def add_branch(self, entry: dict, base: dict, xd: jax.Array, layer, dropout: bool,
+                   dtype) -> jax.Array:
+        if dropout:  # the branch sees another input than the layer: two products
+            return layer() + self.lora_out(entry, xd, dtype)
+        y = lora_matmul(xd.astype(dtype), base["kernel"], entry["lora_A"]["kernel"],
+                        entry["lora_B"]["kernel"], self.scaling)
+        return y + base["bias"].astype(dtype) if "bias" in base else y
 
     def merge(self, w: jax.Array, entry: dict) -> jax.Array:
-        return w + self.scaling * entry["lora_A"]["kernel"] @ entry["lora_B"]["kernel"]
+        return merge_kernel(w, entry["lora_A"]["kernel"], entry["lora_B"]["kernel"],
+                            self.scaling)
 
     def save_peft(self, trainable: Params, out_dir: str, base_model: str = "") -> list[str]:
         return peft.save(self, trainable, out_dir, base_model)

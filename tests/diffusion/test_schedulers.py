@@ -99,16 +99,33 @@ def run_torch(name, config, monkeypatch, step_kwargs=None):
         monkeypatch.setattr(
             diffusers_ddpm, "randn_tensor", lambda *a, **k: torch.from_numpy(next(it))
         )
+    if name == "dpmpp_2m":  # its x0 is what convert_model_output returns inside step
+        convert = sched.convert_model_output
+        sched.convert_model_output = lambda *a, **k: x0s.append(convert(*a, **k)) or x0s[-1]
     x = torch.from_numpy(start_noise())
-    traj = []
+    traj, x0s = [], []
     for i, t in enumerate(sched.timesteps):
         out = torch.from_numpy(np_model(x.numpy(), t, acp, sched.config.prediction_type))
         kwargs = {}
         if step_kwargs:
             kwargs = dict(step_kwargs, variance_noise=torch.from_numpy(noises[i]))
-        x = sched.step(out, t, x, **kwargs).prev_sample
+        res = sched.step(out, t, x, **kwargs)
+        if name in ("ddpm", "ddim"):
+            x0s.append(res.pred_original_sample)
+        elif name == "pndm":  # diffusers' PNDM returns no x0: DDIM's formula at (x, t)
+            x0s.append(torch.from_numpy(np_x0(x.numpy(), out.numpy(), acp[int(t)],
+                                              sched.config.prediction_type)))
+        x = res.prev_sample
         traj.append(x.numpy().copy())
-    return sched, acp, noises, np.stack(traj)
+    return sched, acp, noises, (np.stack(traj), np.stack([v.numpy() for v in x0s]))
+
+
+def np_x0(x, out, a, prediction_type):
+    """x0 implied by a model output at x where alphas_cumprod is a (float64)."""
+    x, out = np.asarray(x, np.float64), np.asarray(out, np.float64)
+    if prediction_type == "v_prediction":
+        return (a**0.5 * x - (1 - a) ** 0.5 * out).astype(np.float32)
+    return ((x - (1 - a) ** 0.5 * out) / a**0.5).astype(np.float32)
 
 
 def run_jax(name, config, acp, noises, **options):
@@ -117,13 +134,26 @@ def run_jax(name, config, acp, noises, **options):
     state = sampler.init_state(x, jax.random.key(0))
     step = jax.jit(sampler.step)
     pred = schedule.from_config(config).prediction_type
-    traj = []
+    traj, x0s = [], []
     for i in range(sampler.num_inference_steps):
         out = jnp.asarray(np_model(x, sampler.timesteps[i], acp, pred))
         kw = {"noise": jnp.asarray(noises[i])} if name == "ddpm" or options.get("eta") else {}
-        x, state = step(state, out, i, x, **kw)
+        res = step(state, out, i, x, **kw)
+        assert isinstance(res, samplers.StepOutput)
+        x, state = res.prev_sample, res.state
         traj.append(np.asarray(x))
-    return sampler, np.stack(traj)
+        x0s.append(np.asarray(res.pred_original_sample))
+    return sampler, (np.stack(traj), np.stack(x0s))
+
+
+def check_x0(got, ref):
+    """Per-step pred_original_sample: within TOL of diffusers' relative to the x0's size
+    (epsilon models divide by sqrt(alphas_cumprod), ~0.07 at the first timesteps, which
+    scales the samples' last-bit differences up by as much)."""
+    assert got.shape == ref.shape
+    err = np.abs(got - ref).max(axis=tuple(range(1, got.ndim)))
+    scale = np.maximum(np.abs(ref).max(axis=tuple(range(1, ref.ndim))), 1.0)
+    assert (err / scale).max() <= TOL, f"step {(err / scale).argmax()}: {err.max():.3e}"
 
 
 # ----------------------------------------------------------------------------- tests
@@ -133,8 +163,9 @@ def run_jax(name, config, acp, noises, **options):
 @pytest.mark.parametrize("name", samplers.SAMPLERS)
 def test_trajectory_matches_diffusers(name, config_name, monkeypatch):
     config = CONFIGS[config_name]
-    sched, acp, noises, ref = run_torch(name, config, monkeypatch)
-    sampler, got = run_jax(name, config, acp, noises)
+    sched, acp, noises, (ref, ref_x0) = run_torch(name, config, monkeypatch)
+    sampler, (got, got_x0) = run_jax(name, config, acp, noises)
+    check_x0(got_x0, ref_x0)
     np.testing.assert_array_equal(np.asarray(sampler.timesteps), sched.timesteps.numpy())
     assert got.shape == ref.shape == (len(sched.timesteps), *SHAPE)
     assert np.all(np.isfinite(ref))
@@ -158,9 +189,10 @@ def test_trajectory_matches_diffusers(name, config_name, monkeypatch):
 )
 def test_trajectory_variants(name, extra, options, step_kwargs, monkeypatch):
     config = {**SD15, **extra}
-    _, acp, noises, ref = run_torch(name, config, monkeypatch, step_kwargs)
-    _, got = run_jax(name, config, acp, noises, **options)
+    _, acp, noises, (ref, ref_x0) = run_torch(name, config, monkeypatch, step_kwargs)
+    _, (got, got_x0) = run_jax(name, config, acp, noises, **options)
     assert np.abs(got - ref).max() <= TOL
+    check_x0(got_x0, ref_x0)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", None])
@@ -248,7 +280,7 @@ def test_scan_equals_python_loop(name, config):
     step, jmodel = jax.jit(sampler.step), jax.jit(model)
     loop = []
     for i in range(sampler.num_inference_steps):
-        x, state = step(state, jmodel(x, sampler.timesteps[i]), i, x)
+        x, state, _ = step(state, jmodel(x, sampler.timesteps[i]), i, x)
         loop.append(np.asarray(x))
     # Inside the scan XLA fuses the model into the step, so float32 rounding may differ.
     np.testing.assert_allclose(np.asarray(traj), np.stack(loop), rtol=0, atol=TOL)
