@@ -21,7 +21,7 @@ class _NullBar:
     def update(self, n=1):
         pass
 
-    def set_postfix(self, **kw):
+    def set_postfix(self, ordered_dict=None, **kw):  # as tqdm: a mapping or keywords
         pass
 
     def set_description(self, *a, **kw):
