@@ -15,12 +15,16 @@ line per cell wins) and with ``--readme`` puts it between the README's
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
+import re
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,20 +53,59 @@ def plan_cell(strategy: str, topology: str, *, sweep: bool, timeout: int,
                *(["--sweep", "--sweep-max", "16"] if sweep else []), *extra]
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
         load0 = os.getloadavg()[0]
+        cpu0 = _children_cpu()
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
-            rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
-        except subprocess.TimeoutExpired:
-            rc, tail = None, f"killed after {timeout} s"
+        # The child's progress lines are passed on as they come (a cell takes minutes).
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        tail: list[str] = []
+        for line in proc.stdout:
+            print(f"  {line}", end="", flush=True)
+            tail = (tail + [line])[-20:]
+        rc = proc.wait()
+        xla = libtpu_log(proc.pid)
+        timed_out = not timer.is_alive()
+        timer.cancel()
+        tail_text = "".join(tail)[-2000:]
+        if timed_out:
+            rc, tail_text = None, f"killed after {timeout} s\n{tail_text}"
         wall = round(time.perf_counter() - t0, 1)
+        cpu = round(_children_cpu() - cpu0, 1)
         report = json.load(open(out)) if os.path.exists(out) else {}
     return {"strategy": strategy, "topology": topology, "sweep": sweep, "extra": extra,
-            "rc": rc, "wall_s": wall, "host": platform.node(), "cpus": os.cpu_count(),
+            "rc": rc, "wall_s": wall, "cpu_s": cpu, "host": platform.node(), "cpus": os.cpu_count(),
             "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "report": report, **({"log_tail": tail} if not report else {})}
+            "report": report, **({"libtpu_log": xla} if xla else {}),
+            **({"log_tail": tail_text} if not report else {})}
+
+
+def libtpu_log(pid: int, log_dir: str = "/tmp/tpu_logs") -> dict:
+    """Where libtpu's compile spent its time, from its log of process ``pid``: the HLO
+    instruction count, the HLO passes' duration (the rest of the compile is the backend's
+    code generation) and the fusions its slow-operation alarm named."""
+    out: dict = {}
+    for path in glob.glob(os.path.join(log_dir, f"*.log.INFO.*.{pid}")):
+        text = open(path, errors="replace").read()
+        m = re.search(r"running hlo passes for ([\d,]+) instructions", text)
+        if m:
+            out["hlo_instructions"] = int(m[1].replace(",", ""))
+        m = re.search(r"HLO_PASSES stage duration: (?:(\d+)m)?([\d.]+)s", text)
+        if m:
+            out["hlo_passes_s"] = round(60 * int(m[1] or 0) + float(m[2]), 1)
+        slow = re.findall(r"Slow compilation warning:\s+(\S+)\s+is taking more than", text)
+        if slow:
+            out["slow_fusions"] = slow
+    return out
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished children: on a shared machine a steadier
+    measure of the work than wall time."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def latest(path: str = RESULTS) -> dict[tuple[str, str], dict]:
@@ -118,8 +161,9 @@ def render(path: str = RESULTS) -> str:
         lines.append("Not compiled yet on any topology: " + ", ".join(f"`{s}`" for s in missing)
                      + ".")
     times = [f"{s} on {t}: lowered {r['report']['result']['lower_s']:.0f} s, compiled "
-             f"{r['report']['result']['compile_s']:.0f} s ({r['utc'][:10]}, {r['cpus']} CPUs, "
-             f"load {r['load_before']:.1f} before)"
+             f"{r['report']['result']['compile_s']:.0f} s"
+             + (f", {r['cpu_s']:.0f} CPU-s in all" if r.get("cpu_s") else "")
+             + f" ({r['utc'][:10]}, {r['cpus']} CPUs, load {r['load_before']:.1f} before)"
              for (s, t), r in sorted(cells.items())
              if (r.get("report") or {}).get("result", {}).get("compile_s") is not None]
     if times:

@@ -95,3 +95,16 @@ def test_table_goes_between_the_readme_markers(tmp_path):
     readme.write_text(f"intro\n{plan_table.BEGIN}\nold\n{plan_table.END}\nrest\n")
     plan_table.put_in_readme("| new |", str(readme))
     assert readme.read_text() == f"intro\n{plan_table.BEGIN}\n| new |\n{plan_table.END}\nrest\n"
+
+
+def test_libtpu_log_says_where_the_compile_went(tmp_path):
+    (tmp_path / "tpu_driver.vm.root.log.INFO.20261205-174528.4242").write_text(
+        "I1205 17:47:02.8 4242 deepsea_compiler_hlo_passes.cc:6046] XLA::TPU running hlo "
+        "passes for 73,640 instructions, module: jit_step\n"
+        "I1205 17:52:30.2 4242 deepsea_compiler_hlo_passes.cc:6241] HLO_PASSES stage "
+        "duration: 5m27.43141719525s\n"
+        "E1205 18:12:21.4 11929 slow_operation_alarm.cc:73] ************\n"
+        "Slow compilation warning:\n fusion.26856\n is taking more than 2 minutes to compile\n")
+    assert plan_table.libtpu_log(4242, str(tmp_path)) == {
+        "hlo_instructions": 73640, "hlo_passes_s": 327.4, "slow_fusions": ["fusion.26856"]}
+    assert plan_table.libtpu_log(4243, str(tmp_path)) == {}
