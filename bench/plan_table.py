@@ -97,7 +97,7 @@ def libtpu_log(pid: int, log_dir: str = "/tmp/tpu_logs") -> dict:
             out["hlo_passes_s"] = round(60 * int(m[1] or 0) + float(m[2]), 1)
         slow = re.findall(r"Slow compilation warning:\s+(\S+)\s+is taking more than", text)
         if slow:
-            out["slow_fusions"] = slow
+            out["slow_fusions"] = list(dict.fromkeys(slow))  # the alarm repeats
     return out
 
 
