@@ -14,13 +14,23 @@ hyperparameters (docs/STUDY.md "The 11 strategies and their hyperparameters"): A
 live under ``config.strategy`` (e.g. ``--config.strategy.rank=4``).
 An optional second part picks the model: ``finetune.py:lora,sd15`` uses the SD 1.5 hub folder
 at 512 px; the default is jaxmed's tiny foundation model at 128 px (runs on a laptop CPU).
+
+An optional third part names the TPU slice to run on (``finetune.py:unet,sd15,v5e-8``; any
+`jaxmed.plan_topologies` name but ``cpu``) and switches on the accelerator preset
+(`accelerator_preset`): bf16 compute with float32 master weights and optimizer state,
+rematerialised blocks, parameters, gradients and Adam moments sharded over every chip
+(``mesh.data=1, mesh.fsdp=-1``), the encoders' caches on where the strategy freezes them,
+and the study's batch per optimizer step (its per-GPU batch x 4 GPUs x 4 accumulation
+steps: 64 or 128 images) kept as per-chip batch x chips x ``optim.grad_accum``.
+``python -m jaxmed.plan --config configs/finetune.py:unet,sd15,v5e-8 --topology v5e-8``
+checks that it fits before a run.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from jaxmed import strategies
+from jaxmed import plan_topologies, strategies
 from jaxmed.strategies.full import STUDY_FULL
 
 VALIDATION_PROMPTS = (
@@ -53,8 +63,51 @@ def strategy_config(name: str) -> ml_collections.ConfigDict:
     return c
 
 
+# The study trained on 4 GPUs with 4 accumulation steps (docs/STUDY.md "The 11 strategies
+# and their hyperparameters"): one optimizer step saw 16 x the per-GPU batch.
+STUDY_GPUS, STUDY_ACCUM = 4, 4
+
+# Strategies whose trainable state is model-sized (weights + 2 Adam moments of every weight
+# they train, or a full-size delta): on a 16 GiB chip they leave room for 1 image of
+# activations per chip at 512 px; the adapters (a few MB of state) for 4.
+MODEL_SIZED = (*STUDY_FULL, "difffit", "attn")
+
+
+def per_chip_batch(name: str, hbm_gib: float) -> int:
+    """The accelerator preset's per-chip batch: 1 (model-sized state) or 4 (adapters) per
+    16 GiB of HBM, in powers of two, at most the study's per-GPU batch."""
+    scale = 1 << max(0, int(hbm_gib // 16).bit_length() - 1)
+    base = 1 if name in MODEL_SIZED else 4
+    return min(base * scale, strategies.get(name).per_device_batch)
+
+
+def accelerator_preset(c: ml_collections.ConfigDict, topology: str) -> None:
+    """Set ``c`` up for a TPU slice (see the module docstring): the settings that compile
+    within the chips' HBM, with the study's batch per optimizer step."""
+    topo = plan_topologies.get(topology)
+    if topo.chip is None:
+        raise ValueError(f"finetune.py: {topology!r} is not an accelerator; name a TPU slice "
+                         "such as v5e-8 (or leave the third part out for the CPU defaults)")
+    name = c.strategy.name
+    study_batch = strategies.get(name).per_device_batch * STUDY_GPUS * STUDY_ACCUM
+    per_chip = per_chip_batch(name, topo.chip.hbm_gib)
+    per_chip = min(per_chip, max(1, study_batch // topo.chips))
+    if study_batch % (per_chip * topo.chips):
+        raise ValueError(f"finetune.py: the study's batch of {study_batch} images does not "
+                         f"split over {topo.chips} chips at {per_chip} per chip; set "
+                         "--config.train.per_device_batch and --config.optim.grad_accum")
+    c.model.dtype = "bfloat16"  # compute; params and optimizer state stay float32
+    c.model.remat = True
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.train.per_device_batch = per_chip
+    c.optim.grad_accum = study_batch // (per_chip * topo.chips)
+    c.cache.latents = c.cache.text = "auto"  # on for every encoder the strategy freezes
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     parts = (arg or "lora").split(",")
+    if len(parts) > 3:
+        raise ValueError(f"finetune.py: {arg!r}: at most strategy,model,topology")
     name, model = parts[0], parts[1] if len(parts) > 1 else "tiny"
     if model not in MODELS:
         raise ValueError(f"finetune.py: unknown model preset {model!r}; choose from "
@@ -156,4 +209,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # True: encode every image before the first step (a long run; a folder shared by
     # several processes is always filled whole)
     c.cache.prefill = False
+
+    if len(parts) > 2 and parts[2]:
+        accelerator_preset(c, parts[2])
     return c
