@@ -65,8 +65,8 @@ from jaxmed.eval.classifier import (
     train_classifier,
 )
 from jaxmed.eval.tables import BASE
-from jaxmed.kernels.dispatch import prebuild_cpu_kernels
 from jaxmed.evaluate import Evaluator, ImageSet, load_images, read_image_set
+from jaxmed.kernels.dispatch import prebuild_cpu_kernels
 from jaxmed.models.sd import StableDiffusion
 from jaxmed.sample import synthesize
 from jaxmed.study_results import write_results

@@ -117,7 +117,7 @@ class Kernel:
         return self._ok
 
 
-def prebuild(kernels: "list[Kernel] | tuple[Kernel, ...]") -> list[threading.Thread]:
+def prebuild(kernels: list[Kernel] | tuple[Kernel, ...]) -> list[threading.Thread]:
     """Build (and register) ``kernels`` in background threads, one each, and return them.
 
     A cold first run otherwise compiles each kernel with the C++ compiler when a model is
