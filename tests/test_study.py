@@ -180,3 +180,8 @@ def test_phantom_labels_are_learnable(tmp_path):
     assert js["n_train"] >= 800 and js["n"] >= 150
     assert js["macro_auroc"] >= c.classifier.min_macro_auroc == 0.85, js["auroc"]
     assert min(js["auroc"].values()) > 0.65, js["auroc"]  # every condition, not the mean
+
+
+def test_even_inception_batch():
+    # at most pytorch-fid's 50 per batch, in equal batches: no padded images per model
+    assert [study._even_batch(n) for n in (60, 18, 100, 101, 30000)] == [30, 18, 50, 34, 50]
