@@ -124,7 +124,10 @@ def prebuild(kernels: list[Kernel] | tuple[Kernel, ...]) -> list[threading.Threa
     first traced, one after another on the main thread while the other cores wait; started
     early (a command line's first step), the builds overlap the work before that tracing.
     Each kernel's lock makes a later `available()` wait for its build, not repeat it.
-    A process whose default backend is not CPU builds nothing (`available()`)."""
+    A process whose default backend is not CPU builds nothing. The backend is started here,
+    on the calling thread, as it would be without this (not first inside a build thread)."""
+    if jax.default_backend() != "cpu":
+        return []
     threads = [threading.Thread(target=k.available, name=f"build {k.source.name}",
                                 daemon=True) for k in kernels]
     for t in threads:
