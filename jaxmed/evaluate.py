@@ -266,7 +266,9 @@ class Evaluator:
         and 'clip' scores, as available. Images are read in chunks, never all at once."""
         n = len(s)
         size = image_size_of(s.paths[0])
-        chunk = max(self.batch_size, self.inception_batch_size) * 4
+        # a whole number of Inception batches: a chunk's last batch is padded to full size
+        ib = self.inception_batch_size
+        chunk = ib * -(-4 * max(self.batch_size, ib) // ib)
         feats: dict[str, list] = {}
         bar = progress_bar(total=n, desc=desc or "features", enabled=self.progress, unit="img")
         try:

@@ -327,3 +327,25 @@ def test_markdown_fid_precision_and_routes(toy, tmp_path, monkeypatch):
     with open(os.path.join(out, "metrics.csv")) as f:
         row = [r for r in csv.DictReader(f) if r["condition"] == "all"][0]
     assert float(row["fid_inception"]) == fid
+
+
+def test_features_read_whole_inception_batches(toy, monkeypatch):
+    # Each chunk's last Inception batch is padded to full size, so chunks are whole batches
+    # (padding only at the very end of a set).
+    calls = []
+
+    class Stub:
+        def __init__(self, *a, **k):
+            pass
+
+        def extract_features(self, images, batch_size=50, progress=None):
+            calls.append((len(images), batch_size))
+            return np.zeros((len(images), 4), np.float32)
+
+    monkeypatch.setattr(inception, "InceptionFeatures", Stub)
+    ev = E.Evaluator(toy["real"], inception=True, batch_size=4, inception_batch_size=3,
+                     progress=False, intervals=0)
+    n = len(ev.real)
+    assert ev.real_features()["inception"].shape == (n, 4)
+    assert n > calls[0][0] and sum(c[0] for c in calls) == n
+    assert all(m % 3 == 0 and b == 3 for m, b in calls[:-1])

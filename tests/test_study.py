@@ -228,3 +228,8 @@ def test_phantom_labels_are_learnable(tmp_path):
     assert pc["view"] == "vae_reconstruction" and pc["n"] == js["n"]
     assert pc["interval"][0] > 0.75 and pc["shuffled_interval"][0] < 0.5 < \
         pc["shuffled_interval"][1], pc
+
+
+def test_even_inception_batch():
+    # at most pytorch-fid's 50 per batch, in equal batches: no padded images per model
+    assert [study._even_batch(n) for n in (60, 18, 100, 101, 30000)] == [30, 18, 50, 34, 50]

@@ -115,3 +115,21 @@ class Kernel:
                                 self.source.name, self.fallback, self.switch, e)
                     self._ok = False
         return self._ok
+
+
+def prebuild(kernels: list[Kernel] | tuple[Kernel, ...]) -> list[threading.Thread]:
+    """Build (and register) ``kernels`` in background threads, one each, and return them.
+
+    A cold first run otherwise compiles each kernel with the C++ compiler when a model is
+    first traced, one after another on the main thread while the other cores wait; started
+    early (a command line's first step), the builds overlap the work before that tracing.
+    Each kernel's lock makes a later `available()` wait for its build, not repeat it.
+    A process whose default backend is not CPU builds nothing. The backend is started here,
+    on the calling thread, as it would be without this (not first inside a build thread)."""
+    if jax.default_backend() != "cpu":
+        return []
+    threads = [threading.Thread(target=k.available, name=f"build {k.source.name}",
+                                daemon=True) for k in kernels]
+    for t in threads:
+        t.start()
+    return threads

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmed.kernels import (
+    build,
     cpu_adamw,
     cpu_attention,
     cpu_conv,
@@ -172,3 +173,9 @@ def adamw(kernel: Callable[..., T], reference_update: Callable[..., T], params: 
             and cpu_adamw.available()):
         return on_cpu(kernel, reference_update, *args)
     return reference_update(*args)
+
+
+def prebuild_cpu_kernels() -> list:
+    """Start building every C++ CPU kernel in background threads (`build.prebuild`): a
+    command line calls this first, so a cold run's kernel builds overlap its other work."""
+    return build.prebuild([m.KERNEL for m in (cpu_adamw, cpu_attention, cpu_conv, cpu_dense)])

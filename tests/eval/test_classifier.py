@@ -436,3 +436,27 @@ def test_scaled_validation_follows_the_real_fraction():
     small, _ = _scaled_val(x, y, 0.1, seed=3)
     big, _ = _scaled_val(x, y, 0.5, seed=3)
     assert set(small) <= set(big)
+
+
+def test_one_compiled_shape_and_init_for_every_set_size():
+    # The study scores validation subsets of many sizes: each is padded to the eval batch
+    # (one compiled shape, docs/STUDY.md "Where jaxmed departs from the study" scales them),
+    # and every classifier of an architecture shares one jitted initialiser.
+    clf = _trained()
+    bs = clf.config.eval_batch_size
+    xs, _ = blob_task(bs + 1, 5)
+    shapes = []
+
+    def fn(variables, xb):
+        shapes.append(xb.shape)
+        return clf.predict_proba(xb, batch_size=xb.shape[0])
+
+    for n in (3, 9, bs + 1):
+        out = C.trained._batched(fn, None, xs[:n], bs)
+        np.testing.assert_allclose(out, clf.predict_proba(xs[:n]), atol=1e-6)
+    assert set(shapes) == {(bs, *xs.shape[1:])}
+    CT._init_fn.cache_clear()
+    a = CT.init_variables(TINY)
+    b = CT.init_variables(TINY.replace(seed=TINY.seed, steps=7))
+    assert CT._init_fn.cache_info().misses == 1 and CT._init_fn.cache_info().hits == 1
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)

@@ -127,12 +127,21 @@ def prng_key(seed: int) -> jax.Array:
     return jax.random.key(int(seed), impl="rbg")
 
 
+@functools.lru_cache(maxsize=8)
+def _init_fn(model_key) -> Callable:
+    """The jitted initialiser of a network, one per architecture: a study initialises a
+    classifier per regime and model, and a fresh jit of ``model.init`` recompiles each time."""
+    arch, num_labels, widths, dtype = model_key
+    model = build_model(ClassifierConfig(arch=arch, num_labels=num_labels, widths=widths,
+                                         dtype=dtype))
+    return jax.jit(functools.partial(model.init, train=False))
+
+
 def init_variables(config: ClassifierConfig, key=None) -> dict:
     """Randomly initialised (or torchvision-loaded, per ``config.init_from``) variables."""
-    model = build_model(config)
     key = prng_key(config.seed) if key is None else key
     x = jnp.zeros((1, config.image_size, config.image_size, 1), jnp.float32)
-    v = jax.jit(functools.partial(model.init, train=False))(key, x)
+    v = _init_fn(_model_key(config))(key, x)
     v = nn.meta.unbox(v)
     v = {k: v[k] for k in v}
     if config.init_from:
