@@ -274,7 +274,8 @@ def test_study_two_processes_equal_one(tiny_sd_folder, tmp_path):
 def test_process_zero_failing_or_stuck_stops_its_peer(tmp_path):
     """A process waiting for process 0 (`jaxmed.processes.on_main`) raises process 0's
     error, or gives up after $JAXMED_PEER_TIMEOUT with a message saying what it waited for."""
-    code = ("import sys, time; from jaxmed import processes as p; p.initialize(); "
+    code = ("import sys, time; from jaxmed import processes as p; "
+            "from jaxmed.cli import start_distributed; start_distributed(); "
             "mode = sys.argv[1]; zero = p.is_main(); "
             "time.sleep(10) if mode == 'stuck' and zero else None; "
             "p.on_main('the judge', (lambda: 1 / 0) if mode == 'fails' else (lambda: 1))")
