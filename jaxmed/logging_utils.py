@@ -82,6 +82,17 @@ class LineBar:
         self._closed = True
 
 
+def _in_kernel() -> bool:
+    """Whether this process is a running Jupyter/Colab kernel (tqdm draws a widget there).
+    An imported ``ipykernel`` alone is not one: a test or a tool may import it."""
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+    except Exception:  # noqa: BLE001 - an IPython too old or half-imported: not a kernel
+        return False
+    return getattr(shell, "kernel", None) is not None
+
+
 def progress(total: int | None = None, initial: int = 0, desc: str = "", enabled: bool = True,
              unit: str = "step"):
     """A tqdm bar (step, postfix metrics, rate, ETA) on a terminal or in a notebook,
@@ -89,7 +100,7 @@ def progress(total: int | None = None, initial: int = 0, desc: str = "", enabled
     silent stand-in."""
     if not enabled:
         return _NullBar()
-    if not sys.stderr.isatty() and "ipykernel" not in sys.modules:
+    if not sys.stderr.isatty() and not _in_kernel():
         return LineBar(total, initial, desc, unit)
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                 file=sys.stderr, smoothing=0.1)

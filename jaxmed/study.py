@@ -383,7 +383,8 @@ class Study:
                           guidance=float(s.guidance), seed=int(s.seed),
                           resolution=int(self.config.data.resolution),
                           mesh=sharding.make_mesh(-1, 1, 1), progress=self.progress,
-                          micro_batch=int(s.micro_batch) or None, model_id=name)
+                          micro_batch=int(s.micro_batch) or None, model_id=name,
+                          grayscale=check_color(s.color) == "grey", paired_noise=True)
 
     def synthetic_regimes(self, name: str, synth_dir: str) -> list[dict]:
         r = self.config.regimes
