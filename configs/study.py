@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 42
     c.strategies = tuple(strategies.STUDY + strategies.EXTRAS)
     c.include_base = True
+    # score model k (evaluation, downstream classifiers) in a background thread while model
+    # k+1 fine-tunes: the same results, less wall time on a CPU (jaxmed.study.run_models)
+    c.overlap_scoring = True
 
     c.model = ml_collections.ConfigDict()
     c.model.path = "jaxmed:tiny-sd"

@@ -40,6 +40,7 @@ the tables arranged by `jaxmed.eval.tables`, the findings judged by `jaxmed.eval
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -93,6 +94,9 @@ class Study:
         self._evaluator = None
         self._arrays: dict[str, Any] = {}
         self.progress = bool(config.log.progress)
+        self.overlap = bool(config.overlap_scoring) and processes.is_main()
+        # the background scorer's bars would interleave with fine-tuning's: stage lines only
+        self.score_progress = self.progress and not self.overlap
 
     # ------------------------------------------------------------------ logging
     def stage(self, msg: str) -> None:
@@ -105,7 +109,8 @@ class Study:
     def settings_hash(self) -> str:
         """What a model's results depend on (not the model list, logging or description)."""
         d = self.config.to_dict()
-        for k in ("strategies", "include_base", "description", "preset", "log"):
+        for k in ("strategies", "include_base", "description", "preset", "log",
+                  "overlap_scoring"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -321,16 +326,18 @@ class Study:
                 self.image_set("test"), domain_classifier=judge, inception=bool(e.inception),
                 inception_weights=e.inception_weights or None, conditions=self.conditions,
                 vendi=True, clip=e.clip or None, fid_method=e.fid_method,
-                progress=self.progress, intervals=int(e.intervals), seed=int(self.config.seed),
+                progress=self.score_progress, intervals=int(e.intervals),
+                seed=int(self.config.seed),
                 inception_batch_size=_even_batch(
                     int(self.config.synth.per_condition) * len(self.conditions)))
             self._evaluator.real_features()
         return self._evaluator
 
-    def run_model(self, name: str, judge) -> dict:
+    def make_model(self, name: str) -> dict:
+        """Fine-tune ``name`` (nothing for the base) and synthesise its images: the part of a
+        model that needs its weights and, under several processes, every process."""
         processes.on_main(study_peers.start(name))  # the other processes join from here
-        d = self.path(name)
-        os.makedirs(d, exist_ok=True)
+        os.makedirs(self.path(name), exist_ok=True)
         times, t = {}, time.perf_counter()
         sd, base_params = self.base_model()
         if name == BASE:
@@ -344,7 +351,14 @@ class Study:
         syn = self.synthesize_model(name, params)
         times["synthesis"] = round(time.perf_counter() - t, 1)
         self.sample_grid(name)
+        return {"summary": summary, "synthesis": syn, "times": times}
 
+    def score_model(self, name: str, judge, made: dict) -> dict:
+        """Evaluate ``name``'s synthetic images, train its downstream classifiers and write
+        its done.json: work on files and host arrays only (process 0 alone), which the
+        study overlaps with the next model's fine-tuning (``overlap_scoring``)."""
+        d, summary, syn = self.path(name), made["summary"], made["synthesis"]
+        times = dict(made["times"])
         t = time.perf_counter()
         self.stage(f"{name}: evaluating")
         ev = self.evaluator(judge).evaluate(os.path.join(d, "synth"),
@@ -369,6 +383,34 @@ class Study:
                    f"{report.fmt(ov.get('vendi_domain'))}, alignment AUROC "
                    f"{report.fmt(ov.get('align_auroc'))}")
         return report.clean(done)
+
+    def run_models(self, models: Sequence[str], todo: Sequence[str], judge) -> dict:
+        """Every model of ``todo`` made and scored, in order. With ``overlap_scoring`` one
+        background thread scores model k while the main thread fine-tunes model k+1: on a
+        CPU the scoring's small classifiers and single-threaded compiles leave a core idle
+        that fine-tuning then uses. Results are the same either way (tests/test_study.py);
+        the per-phase seconds in done.json then overlap."""
+        scorer = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmed-score")
+                  if self.overlap else None)
+        pending: dict[str, concurrent.futures.Future] = {}
+        try:
+            for i, m in enumerate(models):
+                if m not in todo:
+                    continue
+                for f in pending.values():  # a failed scoring stops the study now
+                    if f.done():
+                        f.result()
+                self.stage(f"=== {m} ({i + 1}/{len(models)}) ===")
+                made = self.make_model(m)
+                if scorer is None:
+                    pending[m] = concurrent.futures.Future()
+                    pending[m].set_result(self.score_model(m, judge, made))
+                else:
+                    pending[m] = scorer.submit(self.score_model, m, judge, made)
+            return {m: f.result() for m, f in pending.items()}
+        finally:
+            if scorer is not None:
+                scorer.shutdown(wait=True, cancel_futures=True)
 
     def synthesize_model(self, name: str, params) -> dict:
         """``name``'s synthetic set, data parallel over every device (of every process:
@@ -402,7 +444,7 @@ class Study:
             repeats=int(r.repeats), seeds=self._seeds(),
             config=self.classifier_config(judge=False),
             val=self.arrays("valid") if r.use_valid else None, scale_val=bool(r.scale_valid),
-            progress=self.progress))
+            progress=self.score_progress))
 
     def sample_grid(self, name: str) -> str:
         s = read_image_set(self.path(name, "synth"))
@@ -463,13 +505,9 @@ class Study:
                                f"its results are kept. Delete {self.path(m)} to redo it.")
         judge = self.judge()
         real_rows = self.real_regimes()
-        results = {}
-        for i, m in enumerate(models):
-            if m not in todo:
-                results[m] = report.read_json(self.path(m, "done.json"))
-                continue
-            self.stage(f"=== {m} ({i + 1}/{len(models)}) ===")
-            results[m] = self.run_model(m, judge)
+        made = self.run_models(models, todo, judge)
+        results = {m: made[m] if m in made else report.read_json(self.path(m, "done.json"))
+                   for m in models}
         self.stage("writing results.csv, results.md, plots")
         self.log_invocation(todo)
         out = processes.on_main(study_peers.RESULTS, lambda: write_results(

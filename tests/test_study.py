@@ -132,17 +132,36 @@ def test_rerun_skips_finished_and_resumes_unfinished(ci_run, tiny_sd_folder, cap
     assert os.path.getmtime(os.path.join(wd, "lora", "done.json")) == mtime
     assert again < max(15.0, 0.25 * first_seconds), (again, first_seconds)
 
-    # an unfinished model (no done.json) is redone, reusing its finished fine-tuning run
-    os.remove(os.path.join(wd, "bitfit", "done.json"))
+    # unfinished models (no done.json) are redone, reusing their finished fine-tuning runs;
+    # scored one after the other this time (overlap_scoring off), their results are those
+    # the first run scored in the background while the next model fine-tuned
+    first = {m: json.load(open(os.path.join(wd, m, "done.json"))) for m in ("lora", "bitfit")}
+    for m in first:
+        os.remove(os.path.join(wd, m, "done.json"))
     before = json.load(open(os.path.join(wd, "bitfit", "train", "summary.json")))
-    study.run_study(ci_config(tiny_sd_folder), wd)
+    c = ci_config(tiny_sd_folder)
+    set_override(c, "overlap_scoring", "False")
+    study.run_study(c, wd)
     log = capsys.readouterr().out
-    assert log.count("skipped") == 2
+    assert log.count("skipped") == 1
     assert "bitfit: reusing the finished fine-tuning run" in log
     done = json.load(open(os.path.join(wd, "bitfit", "done.json")))
     assert done["train_seconds"] == before["train_seconds"]
+    for m, old in first.items():
+        new = json.load(open(os.path.join(wd, m, "done.json")))
+        assert _untimed(new["metrics"]) == _untimed(old["metrics"]), m
+        assert _untimed(new["regimes"]) == _untimed(old["regimes"]), m
     with open(os.path.join(wd, "results.csv")) as f:
         assert [r["name"] for r in csv.DictReader(f)] == ["base", "lora", "bitfit", FLOOR]
+
+
+def _untimed(tree):
+    """``tree`` without its wall-time entries (the only thing allowed to differ)."""
+    if isinstance(tree, dict):
+        return {k: _untimed(v) for k, v in tree.items() if k != "seconds"}
+    if isinstance(tree, list):
+        return [_untimed(v) for v in tree]
+    return tree
 
 
 def test_presets_and_unknown_keys():
