@@ -128,21 +128,28 @@ def load_for_sampling(path: str, *, dtype: str = "float32") -> tuple[StableDiffu
         "training workdir (config.json + checkpoints/ or export/)")
 
 
-def restore_run(workdir: str, *, dtype: str = "float32") -> tuple[StableDiffusion, dict]:
+def restore_run(workdir: str, *, dtype: str = "float32", step: int | None = None,
+                base: tuple[StableDiffusion, dict] | None = None
+                ) -> tuple[StableDiffusion, dict]:
     """Base model + strategy from config.json, the latest checkpoint's trainable (or EMA)
     tree restored onto one device, adapters folded in: what `Trainer.exported_params` gives,
-    without building the data pipeline or the caches."""
+    without building the data pipeline or the caches. ``step``: that kept checkpoint instead
+    of the latest; ``base``: the config's base model (sd, params), already loaded."""
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        step = ckpt.latest_step()
+        if step is None:
+            step = ckpt.latest_step()
+        elif int(step) not in ckpt.all_steps():
+            raise FileNotFoundError(f"{workdir}/checkpoints holds no step {step} (kept: "
+                                    f"{ckpt.all_steps()})")
         if step is None:
             raise FileNotFoundError(
                 f"training workdir {workdir} has no export/ and no finished checkpoint; "
                 "train further or point --model at a diffusers folder")
         try:
-            sd, params = StableDiffusion.load(
+            sd, params = base if base is not None else StableDiffusion.load(
                 config.model.path, dtype=dtype, variant=config.model.get("variant") or None,
                 allow_pickle=bool(config.model.get("allow_pickle", False)))
             strategy = build_strategy(config.strategy)

@@ -311,9 +311,9 @@ class Study:
         return tuned, summary
 
     # ------------------------------------------------------------------ per model
-    def combinations(self) -> str:
-        path = self.path("combinations.csv")
-        n = int(self.config.synth.per_condition)
+    def combinations(self, n: int | None = None) -> str:
+        path = self.path("combinations.csv" if n is None else f"combinations_{n}.csv")
+        n = int(self.config.synth.per_condition) if n is None else int(n)
         phantom.make_combination_csv([[c] for c in self.conditions], n, path)
         return path
 
@@ -412,15 +412,18 @@ class Study:
             if scorer is not None:
                 scorer.shutdown(wait=True, cancel_futures=True)
 
-    def synthesize_model(self, name: str, params) -> dict:
+    def synthesize_model(self, name: str, params, *, out: str | None = None,
+                         per_condition: int | None = None) -> dict:
         """``name``'s synthetic set, data parallel over every device (of every process:
-        under several processes each calls it; process 0 writes)."""
+        under several processes each calls it; process 0 writes); ``out`` and
+        ``per_condition`` for another set with the same settings (`jaxmed.study_curve`)."""
         s = self.config.synth
-        n = int(s.per_condition) * len(self.conditions)
+        n = int(per_condition or s.per_condition) * len(self.conditions)
         self.stage(f"{name}: synthesising {n} images ({s.sampler}, {s.steps} steps, guidance "
                    f"{s.guidance}, seed {s.seed})")
-        combos = processes.on_main(f"study {name}: combinations", self.combinations)
-        return synthesize(self.base_model()[0], params, combos, self.path(name, "synth"),
+        combos = processes.on_main(f"study {name}: combinations",
+                                   lambda: self.combinations(per_condition))
+        return synthesize(self.base_model()[0], params, combos, out or self.path(name, "synth"),
                           batch_size=int(s.batch_size), sampler=s.sampler, steps=int(s.steps),
                           guidance=float(s.guidance), seed=int(s.seed),
                           resolution=int(self.config.data.resolution),

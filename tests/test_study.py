@@ -11,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 
-from jaxmed import study
+from jaxmed import study, study_curve
 from jaxmed.cli import ConfigError, load_config, set_override
 from jaxmed.data import phantom
 from jaxmed.data.labels import CONDITIONS
@@ -153,6 +153,48 @@ def test_rerun_skips_finished_and_resumes_unfinished(ci_run, tiny_sd_folder, cap
         assert _untimed(new["regimes"]) == _untimed(old["regimes"]), m
     with open(os.path.join(wd, "results.csv")) as f:
         assert [r["name"] for r in csv.DictReader(f)] == ["base", "lora", "bitfit", FLOOR]
+
+
+def test_curve_reproduces_the_study_at_its_last_step(ci_run, tmp_path, capsys):
+    """jaxmed.study_curve with the study's N: the base point and each strategy's last kept
+    checkpoint (restored, synthesised again, scored again) give the study's numbers exactly."""
+    wd, _, _ = ci_run
+    n = ci_config("unused").synth.per_condition
+    capsys.readouterr()
+    assert study_curve.main(["--workdir", wd, "--per-condition", str(n)]) == 0
+    log = capsys.readouterr().out
+    curve = json.load(open(os.path.join(wd, "curve.json")))
+    pts = {(p["name"], p["step"]): p for p in curve["points"]}
+    # ci: 3 steps, a checkpoint every 3, so one kept checkpoint per strategy, plus the base
+    assert sorted(pts) == [("base", 0), ("bitfit", 3), ("lora", 3)]
+    assert log.count("curve point ") == 3
+    for (m, k), p in pts.items():
+        done = json.load(open(os.path.join(wd, m, "done.json")))
+        assert done["steps"] == k
+        again = json.load(open(os.path.join(wd, m, "curve", f"step_{k}", "eval",
+                                            "metrics.json")))
+        assert _untimed(again["rows"]) == _untimed(done["metrics"]["rows"]), m
+        row = done["metrics"]["rows"]["all"]
+        for key in ("fid_domain", "kid_domain", "vendi_domain", "align_auroc"):
+            assert p[key] == row[key], (m, key)
+        assert p["fid_domain_ci"] == [row["ci"]["fid_domain"]["lo"],
+                                      row["ci"]["fid_domain"]["hi"]]
+        assert p["align_auroc_ci"] == row["align_auroc_ci"]
+        assert p["fid_inception"] is None  # the ci preset has no Inception
+    md = open(os.path.join(wd, "curve.md")).read()
+    assert "| lora | 3 |" in md and "| base | 0 |" in md
+    assert Image.open(os.path.join(wd, "curve.png")).size[0] > 0
+
+    # not a study; a study without any kept checkpoint: one error line, exit 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "study_config.json").write_text(open(os.path.join(wd, "study_config.json")).read())
+    for folder, says in ((empty, "not a study workdir"), (bare, "kept a checkpoint")):
+        assert study_curve.main(["--workdir", str(folder)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and says in err[0], err
 
 
 def _untimed(tree):
