@@ -172,10 +172,12 @@ def curve_markdown(curve: dict) -> str:
     for p in base + [p for p in pts if p["name"] != BASE]:
         rows.append([p["name"], p["step"], p["n_generated"],
                      *(_with_interval(p.get(k), p.get(f"{k}_ci")) for k, _ in shown)])
+    fewer = ("; fewer images give wider intervals"
+             if curve["per_condition"] < curve["study_per_condition"] else "")
     return (
         "# FID and alignment vs optimizer step\n\n"
         f"{curve['per_condition']} images per condition per point (the study used "
-        f"{curve['study_per_condition']}; fewer images give wider intervals). Only the "
+        f"{curve['study_per_condition']}{fewer}). Only the "
         "checkpoints each run kept are here; step 0 is the un-tuned base. Brackets: 95% "
         "intervals (`jaxmed.eval.uncertainty`). Alignment AUROC at chance is 0.5.\n\n"
         + report.md_table(headers, rows) + "\n")
@@ -188,6 +190,7 @@ def plot_curve(curve: dict, path: str) -> str:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     pts = curve["points"]
     base = next(p for p in pts if p["name"] == BASE)
@@ -217,6 +220,7 @@ def plot_curve(curve: dict, path: str) -> str:
         if key == "align_auroc":
             ax.axhline(0.5, ls="--", color="grey", lw=1)
             ax.text(ax.get_xlim()[0], 0.5, " chance", va="bottom", fontsize=7, color="grey")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step (0 = un-tuned base)")
         ax.set_ylabel(f"{title}, 95% band")
         ax.set_title(f"{title} vs step", fontsize=9)

@@ -181,6 +181,9 @@ def test_curve_reproduces_the_study_at_its_last_step(ci_run, tmp_path, capsys):
                                       row["ci"]["fid_domain"]["hi"]]
         assert p["align_auroc_ci"] == row["align_auroc_ci"]
         assert p["fid_inception"] is None  # the ci preset has no Inception
+        if m != "base":  # the checkpoint was restored: its images are not the base's
+            base_rows = json.load(open(os.path.join(wd, "base", "done.json")))["metrics"]
+            assert _untimed(again["rows"]) != _untimed(base_rows["rows"]), m
     md = open(os.path.join(wd, "curve.md")).read()
     assert "| lora | 3 |" in md and "| base | 0 |" in md
     assert Image.open(os.path.join(wd, "curve.png")).size[0] > 0
