@@ -23,10 +23,12 @@ Two limits to read the curve with. Its N (default 10 per condition) is smaller t
 study's, so its intervals are wider than those of results.md; with the study's N and its
 last step a point reproduces the study's numbers exactly (the same images: the same seeds and
 paired noise; tests/test_study.py). And only the checkpoints the run kept are on it
-(``configs/finetune.py`` ``checkpoint.keep``, the last 3 by default): raise
-``finetune.checkpoint_every_steps`` density or ``checkpoint.keep`` before the study to see
-more of the early steps. Cost: one synthesis + evaluation per point, i.e. (1 + strategies x
-kept checkpoints) x 6 x N images at the study's sampling cost.
+(``configs/finetune.py`` ``checkpoint.keep``, the last 3 by default): to see the early
+steps, run the study with more checkpoints kept (``--config.finetune.overrides=
+"checkpoint.keep=10"``) or taken more often (``finetune.checkpoint_every_steps``).
+
+Cost: one synthesis + evaluation per point, i.e. (1 + strategies x kept checkpoints) x 6 x N
+images at the study's sampling cost, plus the real test features once.
 """
 
 from __future__ import annotations
