@@ -52,20 +52,30 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("jaxmed").setLevel(level)
 
 
-def main_guard(run: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
-    """``run(argv)`` with user errors as one ``error:`` line and exit status 2 (no
-    traceback); ``--debug`` anywhere in ``argv`` re-raises them."""
+def main_guard(run: Callable[[list[str]], int], argv: Sequence[str] | None = None, *,
+               extra_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """``run(argv)`` with user errors (`USER_ERRORS`, plus a tool's ``extra_errors``) as
+    one ``error:`` line and exit status 2 (no traceback); ``--debug`` anywhere in ``argv``
+    re-raises them. Any other exception is a bug and keeps its traceback; argparse's usage
+    errors exit as argparse makes them."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
         return run(argv)
-    except USER_ERRORS as err:
+    except USER_ERRORS + tuple(extra_errors) as err:
         if debug:
             raise
         msg = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def add_debug_flag(ap: argparse.ArgumentParser) -> None:
+    """List ``--debug`` in a tool's ``--help``; `main_guard` reads it (and takes it out of
+    argv before the tool's parser runs)."""
+    ap.add_argument("--debug", action="store_true",
+                    help="show the traceback of an error instead of one error: line")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -192,8 +202,7 @@ def parse(
                     help="config file and argument, e.g. configs/finetune.py:lora")
     ap.add_argument("--workdir", required=workdir_required,
                     help="where checkpoints, logs, samples and exports go")
-    ap.add_argument("--debug", action="store_true",
-                    help="show the traceback of an error (read by main_guard)")
+    add_debug_flag(ap)
     for name, kw in extra:
         ap.add_argument(name, **kw)
     args = ap.parse_args(rest)

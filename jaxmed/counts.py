@@ -26,7 +26,7 @@ import jax
 import ml_collections
 
 from jaxmed import strategies
-from jaxmed.cli import ConfigError, parse, set_override
+from jaxmed.cli import main_guard, parse, set_override
 from jaxmed.models import clip_text, tiny, unet, vae, weights
 from jaxmed.models.sd import resolve
 from jaxmed.optim import make_optimizer
@@ -191,27 +191,28 @@ def _pop_arch(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The command line: a config or strategy error is one ``error:`` line, exit 2
+    (`jaxmed.cli.main_guard`)."""
+    return main_guard(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     if "--list" in argv:
         print(list_strategies())
         return 0
     argv, arch = _pop_arch(argv)
-    try:
-        config, args = parse(
-            argv, "python -m jaxmed.counts", __doc__.split("\n\n")[0],
-            workdir_required=False,
-            extra=[("--json", {"action": "store_true", "help": "print JSON, not a table"}),
-                   ("--list", {"action": "store_true", "help": "list the strategies"})])
-        if arch is not None:
-            if "arch" in config.model:
-                set_override(config, "model.arch", arch)
-            else:
-                with config.unlocked():
-                    config.model.arch = arch
-        rep = report(config)
-    except (ConfigError, strategies.StrategyError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config, args = parse(
+        argv, "python -m jaxmed.counts", __doc__.split("\n\n")[0],
+        workdir_required=False,
+        extra=[("--json", {"action": "store_true", "help": "print JSON, not a table"}),
+               ("--list", {"action": "store_true", "help": "list the strategies"})])
+    if arch is not None:
+        if "arch" in config.model:
+            set_override(config, "model.arch", arch)
+        else:
+            with config.unlocked():
+                config.model.arch = arch
+    rep = report(config)
     print(json.dumps(rep, indent=2) if args.json else format_table(rep))
     return 0
 

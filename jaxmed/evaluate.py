@@ -64,6 +64,7 @@ import numpy as np
 from PIL import Image
 
 from jaxmed import files, storage
+from jaxmed.cli import add_debug_flag, main_guard
 from jaxmed.data import read_chexpert_csv
 from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import ALL, CONDITIONS, LABELS
@@ -510,36 +511,41 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--fid-method", default="auto", choices=FID_METHODS)
     ap.add_argument("--no-vendi", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
+    add_debug_flag(ap)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: user errors are one ``error:`` line, exit 2 (`jaxmed.cli.main_guard`;
+    a missing optional package, ImportError, is one too); ``fid DIR1 DIR2`` is
+    `jaxmed.eval.folder_fid`'s command."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["fid"]:
-        return folder_fid.main(argv[1:])
+    if [a for a in argv if a != "--debug"][:1] == ["fid"]:
+        argv.remove("fid")
+        return folder_fid.main(argv)
+    return main_guard(_main, argv, extra_errors=(ImportError,))
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
-    try:
-        clf = args.classifier
-        storage.check_url(args.out, "--out")  # metrics go to a folder or a storage URL
-        if args.train_classifier:
-            if clf:
-                raise ValueError("give --classifier or --train-classifier, not both")
-            storage.require_local(args.out, "--out with --train-classifier (it holds judge/)")
-            judge = train_judge(args.train_classifier, valid_csv=args.train_valid,
-                                conditions=conditions, progress=not args.no_progress)
-            clf = judge.save(os.path.join(args.out, "judge"))
-            print(f"[jaxmed.evaluate] judge classifier trained and saved to {clf}", flush=True)
-        result = evaluate(args.generated, args.real, real_root=args.real_root,
-                          domain_classifier=clf, alignment_classifier=args.alignment_classifier,
-                          inception=not args.no_inception,
-                          inception_weights=args.inception_weights, conditions=conditions,
-                          vendi=not args.no_vendi, clip=args.clip, fid_method=args.fid_method,
-                          out_dir=args.out, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    clf = args.classifier
+    storage.check_url(args.out, "--out")  # metrics go to a folder or a storage URL
+    if args.train_classifier:
+        if clf:
+            raise ValueError("give --classifier or --train-classifier, not both")
+        storage.require_local(args.out, "--out with --train-classifier (it holds judge/)")
+        judge = train_judge(args.train_classifier, valid_csv=args.train_valid,
+                            conditions=conditions, progress=not args.no_progress)
+        clf = judge.save(os.path.join(args.out, "judge"))
+        print(f"[jaxmed.evaluate] judge classifier trained and saved to {clf}", flush=True)
+    result = evaluate(args.generated, args.real, real_root=args.real_root,
+                      domain_classifier=clf, alignment_classifier=args.alignment_classifier,
+                      inception=not args.no_inception,
+                      inception_weights=args.inception_weights, conditions=conditions,
+                      vendi=not args.no_vendi, clip=args.clip, fid_method=args.fid_method,
+                      out_dir=args.out, progress=not args.no_progress)
     print(metrics_markdown(result), flush=True)
     print(f"[jaxmed.evaluate] wrote {os.path.join(args.out, 'metrics.json')}, metrics.csv, "
           "metrics.md", flush=True)

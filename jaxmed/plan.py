@@ -42,7 +42,7 @@ import jax
 import ml_collections
 
 from jaxmed import plan_topologies, sharding
-from jaxmed.cli import enable_compilation_cache, parse
+from jaxmed.cli import enable_compilation_cache, main_guard, parse
 from jaxmed.files import write_json
 from jaxmed.plan_step import (
     PlanError,
@@ -430,34 +430,36 @@ def _enable_cache_if_configured() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        config, args = parse(
-            argv, "python -m jaxmed.plan", __doc__.split("\n\n")[0], workdir_required=False,
-            extra=[("--topology", {"default": "v5e-8", "help": "v5e-1 | v5e-4 | v5e-8 | "
-                                   "v4-8 | v5p-8 | v6e-8 | ... | cpu (default v5e-8)"}),
-                   ("--what", {"default": "train", "choices": WHATS,
-                               "help": "the training step, or the sampling loop"}),
-                   ("--sweep", {"action": "store_true",
-                                "help": "find the largest per-chip batch that fits"}),
-                   ("--sweep-max", {"type": int, "default": 1024,
-                                    "help": "largest per-chip batch --sweep tries"}),
-                   ("--sample-steps", {"type": int, "default": None,
-                                       "help": "denoising steps (--what sample; default "
-                                       "config.log.sample_steps)"}),
-                   ("--json", {"default": None, "help": "also write the numbers here"}),
-                   ("--quiet", {"action": "store_true", "help": "no progress lines"})])
-        topo = plan_topologies.get(args.topology)
-        if topo.platform == "tpu":
-            plan_topologies.require_libtpu()
-        cache = _enable_cache_if_configured()
-        if cache and topo.platform == "cpu":
-            _say(f"persistent compilation cache: {cache}", args.quiet)
-        report = run(config, args.topology, what=args.what, do_sweep=args.sweep,
-                     sweep_max=args.sweep_max, sample_steps=args.sample_steps,
-                     json_path=args.json, quiet=args.quiet)
-    except (ValueError, FileNotFoundError) as err:  # ConfigError, PlanError, TopologyError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """The command line, with the exit statuses of the module docstring; a bad input is one
+    ``error:`` line (`jaxmed.cli.main_guard`)."""
+    return main_guard(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    config, args = parse(
+        argv, "python -m jaxmed.plan", __doc__.split("\n\n")[0], workdir_required=False,
+        extra=[("--topology", {"default": "v5e-8", "help": "v5e-1 | v5e-4 | v5e-8 | "
+                               "v4-8 | v5p-8 | v6e-8 | ... | cpu (default v5e-8)"}),
+               ("--what", {"default": "train", "choices": WHATS,
+                           "help": "the training step, or the sampling loop"}),
+               ("--sweep", {"action": "store_true",
+                            "help": "find the largest per-chip batch that fits"}),
+               ("--sweep-max", {"type": int, "default": 1024,
+                                "help": "largest per-chip batch --sweep tries"}),
+               ("--sample-steps", {"type": int, "default": None,
+                                   "help": "denoising steps (--what sample; default "
+                                   "config.log.sample_steps)"}),
+               ("--json", {"default": None, "help": "also write the numbers here"}),
+               ("--quiet", {"action": "store_true", "help": "no progress lines"})])
+    topo = plan_topologies.get(args.topology)
+    if topo.platform == "tpu":
+        plan_topologies.require_libtpu()
+    cache = _enable_cache_if_configured()
+    if cache and topo.platform == "cpu":
+        _say(f"persistent compilation cache: {cache}", args.quiet)
+    report = run(config, args.topology, what=args.what, do_sweep=args.sweep,
+                 sweep_max=args.sweep_max, sample_steps=args.sample_steps,
+                 json_path=args.json, quiet=args.quiet)
     status = report["result"]["status"]
     if args.sweep:
         return 0 if report.get("largest_per_device_batch") else 1

@@ -59,7 +59,13 @@ from PIL import Image
 
 from jaxmed import processes, sharding, storage
 from jaxmed.checkpoint import load_for_sampling
-from jaxmed.cli import enable_compilation_cache, setup_logging, start_distributed
+from jaxmed.cli import (
+    add_debug_flag,
+    enable_compilation_cache,
+    main_guard,
+    setup_logging,
+    start_distributed,
+)
 from jaxmed.data.combinations import (
     Combination,
     format_label,
@@ -368,60 +374,64 @@ def _parser() -> argparse.ArgumentParser:
                          "any number of devices); 0 = the whole per-device batch (faster)")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     ap.add_argument("--no-progress", action="store_true")
+    add_debug_flag(ap)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: user errors are one ``error:`` line, exit 2 (`jaxmed.cli.main_guard`;
+    a RuntimeError is one too: a failed peer process, or the device runtime refusing the
+    batch, which a smaller --batch-size or --micro-batch fixes)."""
+    return main_guard(_main, argv, extra_errors=(RuntimeError,))
+
+
+def _main(argv: list[str]) -> int:
     setup_logging()
     ap = _parser()
     args = ap.parse_args(argv)
-    try:
-        if args.sampler not in SAMPLERS:
-            raise ValueError(f"--sampler {args.sampler!r}: unknown sampler "
-                             f"(choose from {', '.join(SAMPLERS)})")
-        if args.steps < 1 or args.batch_size < 1 or args.num < 1 or args.micro_batch < 0:
-            raise ValueError("--steps, --batch-size and --num must be >= 1, --micro-batch "
-                             ">= 0")
-        columns = LABELS
-        if args.label_columns:
-            columns = tuple(c.strip() for c in args.label_columns.split(",") if c.strip())
-        combos = read_combinations(args.combinations, columns) if args.combinations else None
-        storage.check_url(args.out, "--out")
-        enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
-        start_distributed()
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {args.sampler!r}: unknown sampler "
+                         f"(choose from {', '.join(SAMPLERS)})")
+    if args.steps < 1 or args.batch_size < 1 or args.num < 1 or args.micro_batch < 0:
+        raise ValueError("--steps, --batch-size and --num must be >= 1, --micro-batch "
+                         ">= 0")
+    columns = LABELS
+    if args.label_columns:
+        columns = tuple(c.strip() for c in args.label_columns.split(",") if c.strip())
+    combos = read_combinations(args.combinations, columns) if args.combinations else None
+    storage.check_url(args.out, "--out")
+    enable_compilation_cache()  # first: it tunes malloc before jax starts its backend
+    start_distributed()
 
-        mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp, 1)
-        sd, params = load_for_sampling(args.model, dtype=args.dtype)
-        if combos is not None:
-            summary = synthesize(
-                sd, params, combos, args.out, batch_size=args.batch_size,
-                sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                seed=args.seed, resolution=args.resolution, mesh=mesh,
-                micro_batch=args.micro_batch or None, progress=not args.no_progress,
-                grayscale=args.grayscale,
-                label_columns=columns, negative_prompt=args.negative_prompt, eta=args.eta,
-                paired_noise=args.paired_noise,
-                model_id=os.path.abspath(args.model) if os.path.exists(args.model)
-                else args.model)
-            if not processes.is_main():
-                return 0
-            print(f"[jaxmed.sample] {summary['total']} images in {args.out} "
-                  f"({summary['generated']} generated, {summary['skipped']} already there; "
-                  f"{summary['images_per_second']} img/s); metadata {summary['metadata']}",
-                  flush=True)
+    mesh = sharding.make_mesh(args.mesh_data, args.mesh_fsdp, 1)
+    sd, params = load_for_sampling(args.model, dtype=args.dtype)
+    if combos is not None:
+        summary = synthesize(
+            sd, params, combos, args.out, batch_size=args.batch_size,
+            sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+            seed=args.seed, resolution=args.resolution, mesh=mesh,
+            micro_batch=args.micro_batch or None, progress=not args.no_progress,
+            grayscale=args.grayscale,
+            label_columns=columns, negative_prompt=args.negative_prompt, eta=args.eta,
+            paired_noise=args.paired_noise,
+            model_id=os.path.abspath(args.model) if os.path.exists(args.model)
+            else args.model)
+        if not processes.is_main():
             return 0
-        out = prompt_grid(
-            sd, params, args.prompt, args.out, num=args.num, batch_size=args.batch_size,
-            sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
-            eta=args.eta, resolution=args.resolution, mesh=mesh,
-            micro_batch=args.micro_batch or None, negative_prompt=args.negative_prompt,
-            grayscale=args.grayscale)
-        if processes.is_main():
-            print(f"[jaxmed.sample] {len(args.prompt) * args.num} images -> {out}", flush=True)
+        print(f"[jaxmed.sample] {summary['total']} images in {args.out} "
+              f"({summary['generated']} generated, {summary['skipped']} already there; "
+              f"{summary['images_per_second']} img/s); metadata {summary['metadata']}",
+              flush=True)
         return 0
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = prompt_grid(
+        sd, params, args.prompt, args.out, num=args.num, batch_size=args.batch_size,
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        eta=args.eta, resolution=args.resolution, mesh=mesh,
+        micro_batch=args.micro_batch or None, negative_prompt=args.negative_prompt,
+        grayscale=args.grayscale)
+    if processes.is_main():
+        print(f"[jaxmed.sample] {len(args.prompt) * args.num} images -> {out}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

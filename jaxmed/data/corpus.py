@@ -53,11 +53,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from jaxmed.data.chexpert import load_image
 from jaxmed.data.folder import read_folder_csv
 from jaxmed.files import atomic_path, write_json
+from jaxmed.logging_utils import progress as progress_bar
 from jaxmed.models import weights as weights_lib
 from jaxmed.models.vae import AutoencoderKL
 
@@ -417,8 +417,8 @@ def make_corpus(out_dir: str, n_images: int = 6000, resolution: int = 128, seed:
     if os.path.exists(marker):
         os.remove(marker)
     rows, counts = [], {s.name: 0 for s in sources}
-    for i in tqdm(range(n_images), desc="corpus", unit="img", disable=not progress,
-                  file=sys.stderr, dynamic_ncols=True):
+    bar = progress_bar(total=n_images, desc="corpus", unit="img", enabled=progress)
+    for i in range(n_images):
         rng = np.random.default_rng([int(seed), i])
         src = sources[int(rng.choice(len(sources), p=weights))]
         if src.name not in pictures:
@@ -428,6 +428,8 @@ def make_corpus(out_dir: str, n_images: int = 6000, resolution: int = 128, seed:
         Image.fromarray(img).save(os.path.join(out_dir, rel))
         rows.append((rel, caption, src.name))
         counts[src.name] += 1
+        bar.update(1)
+    bar.close()
     csv_path = os.path.join(out_dir, "captions.csv")
     _write_csv(csv_path, ["path", "caption", "source"], rows)
     meta = {**_settings(n_images, resolution, seed, sources), "counts": counts,
@@ -481,9 +483,8 @@ def make_patches(csv_path: str, out_dir: str, size: int = 64, seed: int = 0, *,
         os.remove(marker)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rows = []
-    for i, (path, caption) in enumerate(tqdm(
-            list(zip(records.paths, records.captions)), desc="patches", unit="img",
-            disable=not progress, file=sys.stderr, dynamic_ncols=True)):
+    bar = progress_bar(total=len(records.paths), desc="patches", unit="img", enabled=progress)
+    for i, (path, caption) in enumerate(zip(records.paths, records.captions)):
         rng = np.random.default_rng([int(seed), 1, i])
         with Image.open(path) as im:
             a = np.asarray(im.convert("RGB"))
@@ -494,6 +495,8 @@ def make_patches(csv_path: str, out_dir: str, size: int = 64, seed: int = 0, *,
         rel = f"images/{i:05d}.png"
         Image.fromarray(a[y0:y0 + size, x0:x0 + size]).save(os.path.join(out_dir, rel))
         rows.append((rel, caption))
+        bar.update(1)
+    bar.close()
     _write_csv(out_csv, ["path", "caption"], rows)
     write_json(marker, want, indent=None)
     return out_csv

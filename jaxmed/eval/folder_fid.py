@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
+from jaxmed.cli import add_debug_flag, main_guard
 from jaxmed.data.folder import IMAGE_EXTENSIONS
 from jaxmed.eval import inception as inception_lib
 from jaxmed.eval.fid import (
@@ -111,6 +111,9 @@ def folder_fid(path1: str, path2: str, *, method: str = "auto", extractor=None,
     """FID between two image folders / ``.npz`` statistics files. Returns ``fid`` (float),
     ``route`` (the method that computed it), ``method`` (as asked), ``n1``, ``n2``, ``d``
     and ``notes``."""
+    for p in (path1, path2):  # a wrong path fails before the network loads
+        if not _is_stats(p):
+            list_images(p)
     sides = []
     for p in (path1, path2):
         if _is_stats(p):
@@ -156,6 +159,7 @@ def route_text(result: dict) -> str:
 def save_folder_stats(folder: str, out: str, *, inception_weights: str | None = None,
                       batch_size: int = 50, progress: bool = True, extractor=None) -> int:
     """Write the folder's FID statistics (pytorch-fid's ``mu``, ``sigma``, plus ``n``)."""
+    list_images(folder)  # a wrong path fails before the network loads
     extractor = extractor or inception_lib.InceptionFeatures(weights=inception_weights)
     f = folder_features(folder, extractor, batch_size=batch_size, progress=progress)
     with warnings.catch_warnings():
@@ -180,26 +184,28 @@ def _parser() -> argparse.ArgumentParser:
                     help="FID Inception weights file (.pth / .pt / .safetensors)")
     ap.add_argument("--out", default=None, help="also write metrics.json to this folder")
     ap.add_argument("--no-progress", action="store_true")
+    add_debug_flag(ap)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jaxmed.evaluate fid ...``: user errors (a missing folder, an unreadable
+    file, a missing optional package) are one ``error:`` line, exit 2 (`jaxmed.cli.main_guard`)."""
+    return main_guard(_main, argv, extra_errors=(ImportError, OSError))
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     p1, p2 = args.paths
-    try:
-        if args.save_stats:
-            if not p2.endswith(".npz"):
-                raise ValueError(f"--save-stats writes a .npz file; got {p2!r}")
-            n = save_folder_stats(p1, p2, inception_weights=args.inception_weights,
-                                  batch_size=args.batch_size, progress=not args.no_progress)
-            print(f"wrote FID statistics of {n} images of {p1} to {p2}", flush=True)
-            return 0
-        result = folder_fid(p1, p2, method=args.method,
-                            inception_weights=args.inception_weights,
-                            batch_size=args.batch_size, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.save_stats:
+        if not p2.endswith(".npz"):
+            raise ValueError(f"--save-stats writes a .npz file; got {p2!r}")
+        n = save_folder_stats(p1, p2, inception_weights=args.inception_weights,
+                              batch_size=args.batch_size, progress=not args.no_progress)
+        print(f"wrote FID statistics of {n} images of {p1} to {p2}", flush=True)
+        return 0
+    result = folder_fid(p1, p2, method=args.method, inception_weights=args.inception_weights,
+                        batch_size=args.batch_size, progress=not args.no_progress)
     print(f"FID: {result['fid']!r}", flush=True)
     print(route_text(result), flush=True)
     for note in result["notes"]:

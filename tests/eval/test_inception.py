@@ -334,3 +334,23 @@ def test_corrupt_cache_names_file_and_key(isolated, params):
               metadata={"format": inc.CACHE_FORMAT})
     with pytest.raises(ValueError, match=f"{cache}.*missing"):
         inc.load_inception_params()
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def test_progress_off_a_terminal_is_plain_lines(capsys, monkeypatch):
+    """With stderr redirected (here captured), the extractor's bar is one plain line at the
+    end, never carriage-return frames; it is silent when off (the default below 1000
+    images). The network is replaced by zeros: only the bar is under test."""
+    fe = object.__new__(inc.InceptionFeatures)  # no weights: no network is built
+    monkeypatch.setattr(fe, "_batch", lambda batch, resize, bs: np.zeros((bs, 4), np.float32))
+    images = np.zeros((5, 16, 16, 3), np.uint8)
+    assert fe.extract_features(images, batch_size=2, progress=True).shape == (5, 4)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Inception features: 5/5 img (100%)"), err
+    for progress in (False, None):
+        fe.extract_features(images, batch_size=2, progress=progress)
+        assert capsys.readouterr().err == ""

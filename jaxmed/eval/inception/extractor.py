@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxmed.eval.inception.network import FEATURE_DIM, INPUT_SIZE, Dtype, FIDInceptionV3
 from jaxmed.eval.inception.preprocess import (
@@ -22,6 +21,7 @@ from jaxmed.eval.inception.preprocess import (
     resize_clean,
 )
 from jaxmed.eval.inception.weights import load_inception_params
+from jaxmed.logging_utils import progress as progress_bar
 
 
 class InceptionFeatures:
@@ -86,21 +86,18 @@ class InceptionFeatures:
         batch_size = int(min(batch_size, n))
         if progress is None:
             progress = n >= 1000
-        bar = None
-        if progress:
-            bar = tqdm(total=n, unit="img", desc="Inception features")
+        # a tqdm bar on a terminal, periodic plain lines in a redirected log
+        bar = progress_bar(total=n, desc="Inception features", enabled=progress, unit="img")
         outs = []
         try:
             for start in range(0, n, batch_size):
                 batch = np.asarray(images[start:start + batch_size])
                 m = batch.shape[0]
                 outs.append((self._batch(batch, resize, batch_size), m))
-                if bar is not None:
-                    bar.update(m)
+                bar.update(m)
             feats = np.concatenate([np.asarray(f)[:m] for f, m in outs], axis=0)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         return feats.astype(out_dtype, copy=False)
 
     __call__ = extract_features
