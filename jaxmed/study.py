@@ -17,6 +17,9 @@ difffit-orig, svdiff and attn by default):
      the preset's real fractions, tested on the real test split;
   5. write ``WORKDIR/<name>/done.json``.
 
+Steps 3-5 of a model run in a background thread while the next model fine-tunes
+(``overlap_scoring``; off: one after the other, with the same results).
+
 A model whose ``done.json`` exists is skipped (resumable: a killed study reruns only what
 was unfinished; a killed fine-tuning run resumes from its checkpoint). Shared work is done
 once: the phantom data (``WORKDIR/data``), the latent / text caches (``WORKDIR/cache``),
