@@ -48,6 +48,7 @@ class LineBar:
         self._last = self._t0
         self._postfix = ""
         self._closed = False
+        self._printed = initial  # n at the last line written (close adds none if unchanged)
 
     def _line(self) -> str:
         elapsed = time.perf_counter() - self._t0
@@ -66,7 +67,7 @@ class LineBar:
         self.n += n
         now = time.perf_counter()
         if now - self._last >= self.every:
-            self._last = now
+            self._last, self._printed = now, self.n
             print(self._line(), file=self.file, flush=True)
 
     def set_postfix(self, ordered_dict: Mapping | None = None, **kw) -> None:
@@ -77,7 +78,7 @@ class LineBar:
         self.desc = desc
 
     def close(self) -> None:
-        if not self._closed and self.n > self._start_n:
+        if not self._closed and self.n > self._printed:
             print(self._line(), file=self.file, flush=True)
         self._closed = True
 

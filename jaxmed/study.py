@@ -97,7 +97,8 @@ class Study:
         self._evaluator = None
         self._arrays: dict[str, Any] = {}
         self.progress = bool(config.log.progress)
-        self.overlap = bool(config.overlap_scoring) and processes.is_main()
+        # .get: a study_config.json written before the key existed (jaxmed.study_curve)
+        self.overlap = bool(config.get("overlap_scoring", True)) and processes.is_main()
         # the background scorer's bars would interleave with fine-tuning's: stage lines only
         self.score_progress = self.progress and not self.overlap
 

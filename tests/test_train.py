@@ -254,7 +254,8 @@ def test_progress_off_a_terminal_is_plain_lines(capsys):
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = err.splitlines()
-    assert len(lines) == 5 and lines[-1].startswith("train lora: 4/4 step (100%)")
+    # a line per update, none repeated at close
+    assert len(lines) == 4 and lines[-1].startswith("train lora: 4/4 step (100%)")
     assert "loss=0.1234" in lines[-1]
 
 
