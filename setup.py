@@ -1,6 +1,6 @@
 """jaxmed: fine-tune Stable Diffusion on medical images with JAX/Flax, and measure each strategy."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="jaxmed",
@@ -13,7 +13,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["jaxmed", "jaxmed.*"]),
+    # namespace discovery: the asset folders (no __init__.py) are packages too, which
+    # setuptools otherwise warns about at every install
+    packages=find_namespace_packages(include=["jaxmed", "jaxmed.*"]),
     include_package_data=True,
     # The C++ kernels (kernels/*.cc, *.h) are compiled at first use (kernels/build.py).
     package_data={"jaxmed": ["assets/**/*", "kernels/*.cc", "kernels/*.h"]},
