@@ -31,7 +31,9 @@ Presets:
   the real fractions {1, 5, 10, 25, 50, 100}% for every mode, 3 repeats. Point
   ``data.kind=chexpert`` at the CheXpert CSVs (the phantom works too).
 * ``findings`` -- the demo's model, data and judge, sized so that the three findings can
-  be decided (docs/STUDY.md "The study"); not run yet, the numbers below are estimates.
+  be decided (docs/STUDY.md "The study"). Measured: 52.2 min wall, 68.9 CPU-min, on this
+  repository's 2-core CPU machine on 2026-12-05 (commit db1ece2; other work ran beside it
+  for its first 25 minutes); results in docs/findings/ and the README.
   Strategies: the six the findings need (unet and unet+text: UNet training; lora, dora,
   bitfit: adapters; text: frozen UNet) + base; the VAE strategies (slowest to train) and
   the extras are left out. Training: 2,000 optimizer steps per strategy (about 9.5 epochs
@@ -41,22 +43,18 @@ Presets:
   study's own rates would need ~30,000 steps, ~15x this budget. Why more than the demo:
   after 60 steps at x 20 (0.012) the tuned models draw sepia textures, not radiographs
   (docs/demo_samples.png); the tiny model's own pretraining took 2,500 steps at lr 1e-3
-  with batch 32. A checkpoint every 500 steps. 50 images per condition (300 per model,
-  50 noise seeds), so intervals narrow: in `tests/eval/test_findings.py`'s simulated judge
+  with batch 32. A checkpoint every 500 steps (the last 3 kept: `jaxmed.study_curve`
+  plots FID and alignment over them). 50 images per condition (300 per model, 50 noise
+  seeds), so intervals narrow: in `tests/eval/test_findings.py`'s simulated judge
   the 95% interval of finding 2's alignment difference is 0.16 wide at 10 seeds (the
   demo), 0.10 at 30 and 0.08 at 50 (median of 100 data sets); a simulated paired FID
   difference (128-d features, 180 real films) narrows from 2.0 at 60 generated images to
   1.1 at 300, and a model's FID interval from 8.3 to 4.2 (`jaxmed.eval.uncertainty`'s
   half-samples; 2026-12-05). Downstream: 5 repeats (seeds x repeats: 5 pairs, a t
   interval with 4 degrees of freedom, half the width of 3 repeats' at the same spread).
-  Estimated wall time on a quiet 2-core CPU (an estimate, not a measurement: process CPU
-  seconds per phase of a 2-model demo profiled under load on 2026-12-05 by h19c, taken
-  as wall seconds): fixed costs (data 12 s, judge 54 s, 20 real-only classifiers at ~9 s,
-  test features and the 300-film floor) ~6 min; training ~25 min (2,000 steps x ~0.1 s at
-  batch 4, ~0.15 s at batch 8: the bench's 24-38 ms UNet steps x 2.5 for the data path
-  and optimizer, not yet measured at this length, plus compiles); per model ~4.5 min
-  (synthesis ~0.36 s and evaluation ~0.24 s per image, 10 downstream classifiers at ~9 s)
-  x 7 = ~31 min: about 60 min, 50-85 min allowing for the per-step guess.
+  Where the time went in that run: fixed costs (data, judge, 20 real-only classifiers)
+  ~5 min; per tuned model 5.3-8.7 min (2,000 steps in 2.6-4.7 min, 300 images in
+  1.1-1.6 min, evaluation 0.5-1.4 min, 10 downstream classifiers 1.1-2.1 min).
 * ``ci`` -- two strategies (lora, bitfit) + base on a random test-size model at 32 px with
   a handful of steps: checks the whole pipeline end to end in about 2-3 minutes on a CPU.
 
@@ -180,7 +178,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     elif arg == "findings":
         c.description = ("the demo's model and data sized to decide the three findings: 6 "
                          "strategies + base, 2,000 steps each, 50 images per condition, 5 "
-                         "downstream repeats (~60 min estimated on 2 CPU cores)")
+                         "downstream repeats (52 min measured on 2 CPU cores)")
         c.strategies = ("unet", "text", "unet+text", "lora", "dora", "bitfit")
         c.finetune.max_steps = 2000
         c.finetune.grad_accum = 1

@@ -105,7 +105,10 @@ class Study:
     # ------------------------------------------------------------------ logging
     def stage(self, msg: str) -> None:
         el = time.perf_counter() - self.t0
-        print(f"[jaxmed.study {int(el // 60):02d}:{el % 60:04.1f}] {msg}", flush=True)
+        # one write per line: the background scorer logs too, and print() writes the text
+        # and its newline separately, so two threads' lines could run together
+        sys.stdout.write(f"[jaxmed.study {int(el // 60):02d}:{el % 60:04.1f}] {msg}\n")
+        sys.stdout.flush()
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
