@@ -41,8 +41,8 @@ Presets:
   that learning rate x steps, 1e-5 x 15 x 2,000 = 0.30 for the UNet, matches the study's
   (1e-5 x 31,562 optimizer steps = 101 epochs x 20,000 / a global batch of 64: 0.32); the
   study's own rates would need ~30,000 steps, ~15x this budget. Why more than the demo:
-  after 60 steps at x 20 (0.012) the tuned models draw sepia textures, not radiographs
-  (docs/demo_samples.png); the tiny model's own pretraining took 2,500 steps at lr 1e-3
+  after 60 steps at x 20 (0.012) the tuned models draw blurred chest outlines at best,
+  alike for every prompt (docs/demo_samples.png), and alignment stays at chance; the tiny model's own pretraining took 2,500 steps at lr 1e-3
   with batch 32. A checkpoint every 500 steps (the last 3 kept: `jaxmed.study_curve`
   plots FID and alignment over them). 50 images per condition (300 per model, 50 noise
   seeds), so intervals narrow: in `tests/eval/test_findings.py`'s simulated judge
