@@ -42,9 +42,10 @@ Presets:
   (1e-5 x 31,562 optimizer steps = 101 epochs x 20,000 / a global batch of 64: 0.32); the
   study's own rates would need ~30,000 steps, ~15x this budget. Why more than the demo:
   after 60 steps at x 20 (0.012) the tuned models draw blurred chest outlines at best,
-  alike for every prompt (docs/demo_samples.png), and alignment stays at chance; the tiny model's own pretraining took 2,500 steps at lr 1e-3
-  with batch 32. A checkpoint every 500 steps (the last 3 kept: `jaxmed.study_curve`
-  plots FID and alignment over them). 50 images per condition (300 per model, 50 noise
+  alike for every prompt (docs/demo_samples.png), and alignment stays at chance; the
+  tiny model's own pretraining took 2,500 steps at lr 1e-3 with batch 32. A checkpoint
+  every 500 steps (the last 3 kept: `jaxmed.study_curve` plots FID and alignment over
+  them). 50 images per condition (300 per model, 50 noise
   seeds), so intervals narrow: in `tests/eval/test_findings.py`'s simulated judge
   the 95% interval of finding 2's alignment difference is 0.16 wide at 10 seeds (the
   demo), 0.10 at 30 and 0.08 at 50 (median of 100 data sets); a simulated paired FID
@@ -53,8 +54,9 @@ Presets:
   half-samples; 2026-12-05). Downstream: 5 repeats (seeds x repeats: 5 pairs, a t
   interval with 4 degrees of freedom, half the width of 3 repeats' at the same spread).
   Where the time went in that run: fixed costs (data, judge, 20 real-only classifiers)
-  ~5 min; per tuned model 5.3-8.7 min (2,000 steps in 2.6-4.7 min, 300 images in
-  1.1-1.6 min, evaluation 0.5-1.4 min, 10 downstream classifiers 1.1-2.1 min).
+  3.6 min, the real test features 1.5 min; per tuned model 5.3-8.7 min (2,000 steps in
+  2.6-4.7 min, 300 images in 1.1-1.6 min, evaluation 0.5-1.4 min, 10 downstream
+  classifiers 1.1-2.1 min).
 * ``ci`` -- two strategies (lora, bitfit) + base on a random test-size model at 32 px with
   a handful of steps: checks the whole pipeline end to end in about 2-3 minutes on a CPU.
 
