@@ -43,13 +43,14 @@ def _strategies() -> tuple[str, ...]:
 
 
 def plan_cell(strategy: str, topology: str, *, sweep: bool, timeout: int,
-              extra: list[str]) -> dict:
+              extra: list[str], effort: float = 0.0) -> dict:
     """Run ``jaxmed.plan`` for one cell in a subprocess; its JSON report plus how it ran."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "plan.json")
         cmd = [sys.executable, "-m", "jaxmed.plan",
                "--config", f"configs/finetune.py:{strategy},sd15,{topology}",
                "--config.model.arch=sd15", "--topology", topology, "--json", out,
+               f"--config.train.compile_effort={effort}",
                *(["--sweep", "--sweep-max", "16"] if sweep else []), *extra]
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
         load0 = os.getloadavg()[0]
@@ -74,9 +75,12 @@ def plan_cell(strategy: str, topology: str, *, sweep: bool, timeout: int,
         wall = round(time.perf_counter() - t0, 1)
         cpu = round(_children_cpu() - cpu0, 1)
         report = json.load(open(out)) if os.path.exists(out) else {}
-    return {"strategy": strategy, "topology": topology, "sweep": sweep, "extra": extra,
+    return {"strategy": strategy, "topology": topology, "sweep": sweep,
+            "compile_effort": effort, "extra": extra,
             "rc": rc, "wall_s": wall, "cpu_s": cpu, "host": platform.node(), "cpus": os.cpu_count(),
             "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
+            **({"libtpu_init_args": os.environ["LIBTPU_INIT_ARGS"]}
+               if os.environ.get("LIBTPU_INIT_ARGS") else {}),
             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "report": report, **({"libtpu_log": xla} if xla else {}),
             **({"log_tail": tail_text} if not report else {})}
@@ -108,14 +112,30 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def latest(path: str = RESULTS) -> dict[tuple[str, str], dict]:
-    cells: dict[tuple[str, str], dict] = {}
+def variant(row: dict) -> str:
+    """How a line departs from the preset as shipped: its extra `jaxmed.plan` flags and
+    libtpu flags ("" for none); only preset lines fill the table."""
+    return " ".join([*row.get("extra", []), *([f"LIBTPU_INIT_ARGS={row['libtpu_init_args']}"]
+                                              if row.get("libtpu_init_args") else [])])
+
+
+def latest(path: str = RESULTS) -> dict[tuple[str, str, str, float], dict]:
+    """The latest line per (strategy, topology, variant, compile effort)."""
+    cells: dict[tuple[str, str, str, float], dict] = {}
     if os.path.exists(path):
         for line in open(path):
             if line.strip():
                 row = json.loads(line)
-                cells[(row["strategy"], row["topology"])] = row
+                key = (row["strategy"], row["topology"], variant(row),
+                       float(row.get("compile_effort", 0.0)))
+                cells[key] = row
     return cells
+
+
+def table_row(cells: dict, strategy: str, topology: str) -> dict | None:
+    """The line a table cell shows: the preset at XLA's default compile effort, else the
+    preset at the fastest-compiling effort (`train.compile_effort=-1`)."""
+    return cells.get((strategy, topology, "", 0.0)) or cells.get((strategy, topology, "", -1.0))
 
 
 def cell_text(row: dict | None) -> str:
@@ -143,28 +163,31 @@ def cell_text(row: dict | None) -> str:
         big = f">= {pdb} (not swept)"
     flops = res.get("flops_per_image")
     fl = f"{flops:.2e}" if flops else "?"
+    effort = row.get("compile_effort", 0.0)
     return (f"{gib} at {pdb}/chip x {rep.get('grad_accum', '?')} accum, fits; largest "
-            f"{big}; {fl} FLOPs/image")
+            f"{big}; {fl} FLOPs/image" + (f" (effort {effort:g})" if effort else ""))
 
 
 def render(path: str = RESULTS) -> str:
     cells = latest(path)
-    rows = [s for s in _strategies() if any((s, t) in cells for t in TOPOLOGIES)]
+    rows = [s for s in _strategies() if any(table_row(cells, s, t) for t in TOPOLOGIES)]
     lines = ["| strategy | " + " | ".join(TOPOLOGIES) + " |",
              "|---|" + "---|" * len(TOPOLOGIES)]
     for s in rows:
-        lines.append(f"| `{s}` | " + " | ".join(cell_text(cells.get((s, t)))
+        lines.append(f"| `{s}` | " + " | ".join(cell_text(table_row(cells, s, t))
                                                for t in TOPOLOGIES) + " |")
     missing = [s for s in _strategies() if s not in rows]
     if missing:
         lines.append("")
         lines.append("Not compiled yet on any topology: " + ", ".join(f"`{s}`" for s in missing)
                      + ".")
-    times = [f"{s} on {t}: lowered {r['report']['result']['lower_s']:.0f} s, compiled "
+    times = [f"{s} on {t}{f' at effort {e:g}' if e else ''}{' with ' + v if v else ''}: "
+             f"lowered "
+             f"{r['report']['result']['lower_s']:.0f} s, compiled "
              f"{r['report']['result']['compile_s']:.0f} s"
              + (f", {r['cpu_s']:.0f} CPU-s in all" if r.get("cpu_s") else "")
              + f" ({r['utc'][:10]}, {r['cpus']} CPUs, load {r['load_before']:.1f} before)"
-             for (s, t), r in sorted(cells.items())
+             for (s, t, v, e), r in sorted(cells.items())
              if (r.get("report") or {}).get("result", {}).get("compile_s") is not None]
     if times:
         lines += ["", "Compile times (CPU-hosted, libtpu " + _libtpu() + "): " + "; ".join(times)
@@ -199,6 +222,8 @@ def main() -> None:
     r.add_argument("--sweep", action="store_true", help="find the largest per-chip batch")
     r.add_argument("--timeout", type=int, default=1500, help="seconds per cell")
     r.add_argument("--results", default=RESULTS)
+    r.add_argument("--compile-effort", type=float, default=0.0,
+                   help="train.compile_effort: 0 is XLA's default, -1 compiles fastest")
     r.add_argument("extra", nargs="*", help="after --: more jaxmed.plan flags")
     d = sub.add_parser("render", help="print the table (and put it in the README)")
     d.add_argument("--results", default=RESULTS)
@@ -213,7 +238,8 @@ def main() -> None:
     for cell in a.cells:
         strategy, _, topology = cell.partition(":")
         print(f"[plan_table] {strategy} on {topology}...", flush=True)
-        row = plan_cell(strategy, topology, sweep=a.sweep, timeout=a.timeout, extra=a.extra)
+        row = plan_cell(strategy, topology, sweep=a.sweep, timeout=a.timeout, extra=a.extra,
+                        effort=a.compile_effort)
         with open(a.results, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"[plan_table] {cell}: {cell_text(row)} ({row['wall_s']} s)", flush=True)

@@ -175,6 +175,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.noise_offset = 0.0
     c.train.objective = "diffusion"  # diffusion | autoencoder (VAE pretraining)
     c.train.kl_weight = 1e-6  # autoencoder objective only
+    # XLA's exec_time_optimization_effort for the step, in [-1, 1]: 0 is XLA's default;
+    # -1 compiles an SD 1.5 step for TPU several times faster (README, "Compile time"), at a
+    # step speed not yet measured on a TPU
+    c.train.compile_effort = 0.0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -368,7 +368,8 @@ def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, jso
     m = config.model
     _say(f"{what} step of {config.strategy.name} ({m.get('arch') or m.path}, "
          f"{config.data.resolution} px, {m.dtype}, remat={m.remat}, attention="
-         f"{m.get('attention', 'auto')}, mesh data="
+         f"{m.get('attention', 'auto')}, compile effort "
+         f"{float(config.train.get('compile_effort', 0.0)):g}, mesh data="
          f"{config.mesh.data} fsdp={config.mesh.fsdp} tensor={config.mesh.tensor}) for "
          f"{topo.name}", quiet)
     report: dict[str, Any] = {
@@ -378,6 +379,7 @@ def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, jso
         "capacity_bytes_per_chip": topo.capacity_bytes, "strategy": config.strategy.name,
         "model": m.get("arch") or m.path, "dtype": m.dtype, "remat": m.remat,
         "attention": m.get("attention", "auto"),
+        "compile_effort": float(config.train.get("compile_effort", 0.0)),
         "resolution": config.data.resolution, "grad_accum": config.optim.grad_accum,
         "mesh": {k: config.mesh[k] for k in ("data", "fsdp", "tensor")},
     }

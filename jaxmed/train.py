@@ -200,8 +200,15 @@ def jit_train_step(sd: StableDiffusion, strategy: Strategy, tx: Optimizer,
     metrics placed on ``mesh``; compiled for the platform of the mesh's devices."""
     platform = next(iter(mesh.devices.flat)).platform
     step_fn = make_train_step(sd, strategy, tx, config, platform=platform)
+    effort = float(config.train.get("compile_effort", 0.0))
+    if not -1.0 <= effort <= 1.0:
+        raise ValueError(f"train.compile_effort={effort}: must lie in [-1, 1]")
+    # Only a non-default effort is passed, so the default keeps XLA's own compile options
+    # (and their persistent-cache keys).
+    options = {"exec_time_optimization_effort": effort} if effort else None
     return jax.jit(step_fn, donate_argnums=(0,),
-                   out_shardings=(state_sh, sharding.replicated(mesh)))
+                   out_shardings=(state_sh, sharding.replicated(mesh)),
+                   compiler_options=options)
 
 
 class Trainer:

@@ -48,8 +48,21 @@ def check_numbers(result: dict) -> None:
 
 @needs_libtpu
 def test_tiny_unet_step_compiles_for_tpu_with_cpu_kernels_on():
-    result = plan.run(tiny_config(), "v5e-8", quiet=True)["result"]
-    check_numbers(result)
+    """Also at train.compile_effort=-1, which reaches libtpu: it generates less code."""
+    code = {}
+    for effort in (0.0, -1.0):
+        report = plan.run(tiny_config(**{"train.compile_effort": str(effort)}), "v5e-8",
+                          quiet=True)
+        assert report["compile_effort"] == effort
+        check_numbers(report["result"])
+        code[effort] = report["result"]["memory_bytes"]["generated_code"]
+    assert code[-1.0] < code[0.0], code
+
+
+def test_compile_effort_out_of_range_one_clear_error(capsys):
+    assert plan.main([*tiny_argv(**{"train.compile_effort": "2"}), "--topology", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: train.compile_effort=2.0: must lie in [-1, 1]"], err
 
 
 @needs_libtpu

@@ -59,21 +59,33 @@ def test_table_says_what_was_not_planned(tmp_path):
     oom = {"status": "oom", "per_device_batch": 4, "memory_bytes": None,
            "oom": {"required_bytes": 20 * 2**30}}
     path = tmp_path / "results.jsonl"
-    rows = [_row("unet", "v5e-8", oom), _row("unet", "v5e-8", ok),  # the latest wins
-            _row("lora", "v5e-1", oom), _row("lora", "v4-8")]  # timed out: no report
+    fast = {**ok, "memory_bytes": {"total": 4 * 2**30}, "compile_s": 200.0}
+    # A later line with other flags is a variant: listed with its compile time, not tabled;
+    # one at compile effort -1 fills a cell only where effort 0 has not been planned.
+    variant = {**_row("unet", "v5e-8", fast), "extra": ["--flag"],
+               "libtpu_init_args": "--xla_flag=false"}
+    quick = [{**_row(s, t, fast), "compile_effort": -1.0}
+             for s, t in (("unet", "v5e-8"), ("unet", "v5p-8"))]
+    rows = [_row("unet", "v5e-8", oom), _row("unet", "v5e-8", ok), variant,  # the latest wins
+            *quick, _row("lora", "v5e-1", oom), _row("lora", "v4-8")]  # timed out: no report
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = plan_table.render(str(path))
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
              for line in table.splitlines() if line.startswith("| `")}
     assert list(cells) == ["`unet`", "`lora`"]  # in the registry's order
     v5e1, v5e8, v48, v5p8 = cells["`unet`"]
-    assert v5e1 == v48 == v5p8 == "not compiled yet"
+    assert v5e1 == v48 == "not compiled yet"
     assert v5e8 == "3.0 GiB at 1/chip x 8 accum, fits; largest >= 1 (not swept); 2.50e+12 " \
         "FLOPs/image"
+    assert v5p8 == "4.0 GiB at 1/chip x 8 accum, fits; largest >= 1 (not swept); 2.50e+12 " \
+        "FLOPs/image (effort -1)"
     assert cells["`lora`"][0] == "does not fit at 4/chip (needs 20.0+ GiB)"
     assert cells["`lora`"][2] == "plan failed (timed out)"
     assert "Not compiled yet on any topology:" in table and "`dora`" in table
     assert "unet on v5e-8: lowered 15 s, compiled 600 s" in table
+    assert ("unet on v5e-8 with --flag LIBTPU_INIT_ARGS=--xla_flag=false: lowered 15 s, "
+            "compiled 200 s") in table
+    assert "unet on v5e-8 at effort -1: lowered 15 s, compiled 200 s" in table
 
 
 def test_table_goes_between_the_readme_markers(tmp_path):
