@@ -21,6 +21,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from tests.helpers import write_chexpert_dataset  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """The long tests (marked slow) first: with `-n 2 --dist worksteal` (README, Tests) the
+    two workers then end on short tests together, instead of one worker running a long test
+    alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def torch():
     import torch

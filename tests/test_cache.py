@@ -24,6 +24,7 @@ def csv200(tmp_path_factory):
     return write_chexpert_dataset(str(tmp_path_factory.mktemp("data200")), n=200, size=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet", "lora"])
 def test_cached_training_equals_encoding_on_the_fly(name, tiny_sd_folder, csv200, tmp_path,
                                                     capsys):

@@ -26,6 +26,7 @@ from jaxmed.logging_utils import read_metrics
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "mp_worker.py")
+pytestmark = pytest.mark.slow
 TIMEOUT = 900  # seconds for one run of all its processes (a deadlock fails, never hangs)
 STEPS = 3
 

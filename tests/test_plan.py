@@ -46,6 +46,7 @@ def check_numbers(result: dict) -> None:
     assert result["lower_s"] > 0 and result["compile_s"] > 0
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_unet_step_compiles_for_tpu_with_cpu_kernels_on():
     """Also at train.compile_effort=-1, which reaches libtpu: it generates less code."""
@@ -65,6 +66,7 @@ def test_compile_effort_out_of_range_one_clear_error(capsys):
     assert err == ["error: train.compile_effort=2.0: must lie in [-1, 1]"], err
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_unet_step_for_tpu_v5e_memory_flops_ideal_time(monkeypatch, tmp_path):
     for switch in CPU_KERNEL_SWITCHES:  # until kernels are chosen by the lowering platform

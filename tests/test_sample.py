@@ -105,6 +105,7 @@ print("RESULT " + json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_same_images_on_1_and_8_devices(tiny_sd_folder, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}

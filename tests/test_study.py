@@ -258,6 +258,7 @@ def test_ensure_dataset_reuses_and_regenerates(tmp_path):
     assert n == 12  # 6 patients x 2 films
 
 
+@pytest.mark.slow
 def test_phantom_labels_are_learnable(tmp_path):
     """The demo's judge (a classifier on 100% of the real phantom training films) reaches
     the issue's macro AUROC >= 0.85 on the patient-disjoint test split, and so it does on

@@ -66,6 +66,7 @@ HIGH_LR = {"bitfit": 3e-2, "difffit-orig": 3e-2, "svdiff": 3e-2, "lora": 1e-2, "
            "text": 3e-3, "attn": 3e-3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", strategies.names())
 def test_loss_falls_when_overfitting(name, tiny_sd_folder, overfit_csv, shared_cache, tmp_path):
     lr = HIGH_LR.get(name, 1e-3)
@@ -91,6 +92,7 @@ def test_loss_falls_when_overfitting(name, tiny_sd_folder, overfit_csv, shared_c
     assert after < 0.98 * before, f"{name}: fixed-batch loss {before:.4f} -> {after:.4f}"
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device(tiny_sd_folder, tiny_dataset, tmp_path):
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     for name in ("unet", "lora"):
