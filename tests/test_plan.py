@@ -49,15 +49,16 @@ def check_numbers(result: dict) -> None:
 @pytest.mark.slow
 @needs_libtpu
 def test_tiny_unet_step_compiles_for_tpu_with_cpu_kernels_on():
-    """Also at train.compile_effort=-1, which reaches libtpu: it generates less code."""
-    code = {}
+    """Also at train.compile_effort=-1, which reaches libtpu: another program comes out (for
+    this one a little more code; for SD 1.5 a quarter of the code: README, "Compile time")."""
+    mem = {}
     for effort in (0.0, -1.0):
         report = plan.run(tiny_config(**{"train.compile_effort": str(effort)}), "v5e-8",
                           quiet=True)
         assert report["compile_effort"] == effort
         check_numbers(report["result"])
-        code[effort] = report["result"]["memory_bytes"]["generated_code"]
-    assert code[-1.0] < code[0.0], code
+        mem[effort] = report["result"]["memory_bytes"]
+    assert mem[-1.0] != mem[0.0], mem
 
 
 def test_compile_effort_out_of_range_one_clear_error(capsys):
