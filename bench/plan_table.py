@@ -43,7 +43,7 @@ def _strategies() -> tuple[str, ...]:
 
 
 def plan_cell(strategy: str, topology: str, *, sweep: bool, timeout: int,
-              extra: list[str], effort: float = 0.0) -> dict:
+              extra: list[str], effort: float = 0.0, sweep_max: int = 16) -> dict:
     """Run ``jaxmed.plan`` for one cell in a subprocess; its JSON report plus how it ran."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "plan.json")
@@ -51,7 +51,7 @@ def plan_cell(strategy: str, topology: str, *, sweep: bool, timeout: int,
                "--config", f"configs/finetune.py:{strategy},sd15,{topology}",
                "--config.model.arch=sd15", "--topology", topology, "--json", out,
                f"--config.train.compile_effort={effort}",
-               *(["--sweep", "--sweep-max", "16"] if sweep else []), *extra]
+               *(["--sweep", "--sweep-max", str(sweep_max)] if sweep else []), *extra]
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
         load0 = os.getloadavg()[0]
         cpu0 = _children_cpu()
@@ -220,6 +220,7 @@ def main() -> None:
     r = sub.add_parser("run", help="plan cells, appending each to the results file")
     r.add_argument("--cells", nargs="+", required=True, help="strategy:topology ...")
     r.add_argument("--sweep", action="store_true", help="find the largest per-chip batch")
+    r.add_argument("--sweep-max", type=int, default=16, help="largest per-chip batch tried")
     r.add_argument("--timeout", type=int, default=1500, help="seconds per cell")
     r.add_argument("--results", default=RESULTS)
     r.add_argument("--compile-effort", type=float, default=0.0,
@@ -239,7 +240,7 @@ def main() -> None:
         strategy, _, topology = cell.partition(":")
         print(f"[plan_table] {strategy} on {topology}...", flush=True)
         row = plan_cell(strategy, topology, sweep=a.sweep, timeout=a.timeout, extra=a.extra,
-                        effort=a.compile_effort)
+                        effort=a.compile_effort, sweep_max=a.sweep_max)
         with open(a.results, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"[plan_table] {cell}: {cell_text(row)} ({row['wall_s']} s)", flush=True)
