@@ -119,27 +119,32 @@ def variant(row: dict) -> str:
                                               if row.get("libtpu_init_args") else [])])
 
 
-def latest(path: str = RESULTS) -> dict[tuple[str, str, str, float], dict]:
-    """The latest line per (strategy, topology, variant, compile effort)."""
-    cells: dict[tuple[str, str, str, float], dict] = {}
+def latest(path: str = RESULTS) -> dict[tuple[str, str, str, float, bool], dict]:
+    """The latest line per (strategy, topology, variant, compile effort, swept)."""
+    cells: dict[tuple[str, str, str, float, bool], dict] = {}
     if os.path.exists(path):
         for line in open(path):
             if line.strip():
                 row = json.loads(line)
                 key = (row["strategy"], row["topology"], variant(row),
-                       float(row.get("compile_effort", 0.0)))
+                       float(row.get("compile_effort", 0.0)), bool(row.get("sweep")))
                 cells[key] = row
     return cells
 
 
-def table_row(cells: dict, strategy: str, topology: str) -> dict | None:
+def table_row(cells: dict, strategy: str, topology: str, swept: bool = False) -> dict | None:
     """The line a table cell shows: the preset at XLA's default compile effort, else the
-    preset at the fastest-compiling effort (`train.compile_effort=-1`)."""
-    return cells.get((strategy, topology, "", 0.0)) or cells.get((strategy, topology, "", -1.0))
+    preset at the fastest-compiling effort (`train.compile_effort=-1`); ``swept``: the
+    same for a `--sweep` line."""
+    return next((cells[k] for e in (0.0, -1.0)
+                 if (k := (strategy, topology, "", e, swept)) in cells), None)
 
 
-def cell_text(row: dict | None) -> str:
-    """One table cell: per-chip GiB, fits, largest per-chip batch, FLOPs per image."""
+def cell_text(row: dict | None, swept: dict | None = None) -> str:
+    """One table cell: per-chip GiB at the preset's batch, fits, the largest per-chip batch
+    (from ``swept``, a `--sweep` line, where there is one), FLOPs per image."""
+    if row is None:
+        row, swept = swept, None
     if row is None:
         return "not compiled yet"
     rep = row.get("report") or {}
@@ -155,10 +160,15 @@ def cell_text(row: dict | None) -> str:
         need = (res.get("oom") or {}).get("required_bytes")
         gib = f"needs {need / GIB:.1f}+ GiB" if need and not mem else gib
         return f"does not fit at {pdb}/chip ({gib})"
-    if rep.get("largest_per_device_batch"):
-        big = str(rep["largest_per_device_batch"])
-        if rep.get("first_too_large") is None:
+    best = ((swept or {}).get("report") or {}).get("largest_per_device_batch")
+    sweep_rep = swept["report"] if best else rep
+    if sweep_rep.get("largest_per_device_batch"):
+        big = str(sweep_rep["largest_per_device_batch"])
+        if sweep_rep.get("first_too_large") is None:
             big = f">= {big} (sweep capped)"
+        e = (swept or row).get("compile_effort", 0.0)
+        if swept and e != row.get("compile_effort", 0.0):
+            big += f" (swept at effort {e:g})"
     else:
         big = f">= {pdb} (not swept)"
     flops = res.get("flops_per_image")
@@ -170,11 +180,13 @@ def cell_text(row: dict | None) -> str:
 
 def render(path: str = RESULTS) -> str:
     cells = latest(path)
-    rows = [s for s in _strategies() if any(table_row(cells, s, t) for t in TOPOLOGIES)]
+    rows = [s for s in _strategies()
+            if any(table_row(cells, s, t) or table_row(cells, s, t, True) for t in TOPOLOGIES)]
     lines = ["| strategy | " + " | ".join(TOPOLOGIES) + " |",
              "|---|" + "---|" * len(TOPOLOGIES)]
     for s in rows:
-        lines.append(f"| `{s}` | " + " | ".join(cell_text(table_row(cells, s, t))
+        lines.append(f"| `{s}` | " + " | ".join(cell_text(table_row(cells, s, t),
+                                                           table_row(cells, s, t, True))
                                                for t in TOPOLOGIES) + " |")
     missing = [s for s in _strategies() if s not in rows]
     if missing:
@@ -187,8 +199,9 @@ def render(path: str = RESULTS) -> str:
              f"{r['report']['result']['compile_s']:.0f} s"
              + (f", {r['cpu_s']:.0f} CPU-s in all" if r.get("cpu_s") else "")
              + f" ({r['utc'][:10]}, {r['cpus']} CPUs, load {r['load_before']:.1f} before)"
-             for (s, t, v, e), r in sorted(cells.items())
-             if (r.get("report") or {}).get("result", {}).get("compile_s") is not None]
+             for (s, t, v, e, swept), r in sorted(cells.items())
+             if not swept and (r.get("report") or {}).get("result", {}).get("compile_s")
+             is not None]
     if times:
         lines += ["", "Compile times (CPU-hosted, libtpu " + _libtpu() + "): " + "; ".join(times)
                   + "."]

@@ -66,8 +66,12 @@ def test_table_says_what_was_not_planned(tmp_path):
                "libtpu_init_args": "--xla_flag=false"}
     quick = [{**_row(s, t, fast), "compile_effort": -1.0}
              for s, t in (("unet", "v5e-8"), ("unet", "v5p-8"))]
+    # A --sweep line gives the cell its largest batch; the cell keeps the preset's batch.
+    swept = {**_row("unet", "v5p-8", {**fast, "per_device_batch": 6},
+                    largest_per_device_batch=6, first_too_large=7),
+             "sweep": True, "compile_effort": -1.0}
     rows = [_row("unet", "v5e-8", oom), _row("unet", "v5e-8", ok), variant,  # the latest wins
-            *quick, _row("lora", "v5e-1", oom), _row("lora", "v4-8")]  # timed out: no report
+            *quick, swept, _row("lora", "v5e-1", oom), _row("lora", "v4-8")]  # timed out
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = plan_table.render(str(path))
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
@@ -77,8 +81,8 @@ def test_table_says_what_was_not_planned(tmp_path):
     assert v5e1 == v48 == "not compiled yet"
     assert v5e8 == "3.0 GiB at 1/chip x 8 accum, fits; largest >= 1 (not swept); 2.50e+12 " \
         "FLOPs/image"
-    assert v5p8 == "4.0 GiB at 1/chip x 8 accum, fits; largest >= 1 (not swept); 2.50e+12 " \
-        "FLOPs/image (effort -1)"
+    assert v5p8 == "4.0 GiB at 1/chip x 8 accum, fits; largest 6; 2.50e+12 FLOPs/image " \
+        "(effort -1)"
     assert cells["`lora`"][0] == "does not fit at 4/chip (needs 20.0+ GiB)"
     assert cells["`lora`"][2] == "plan failed (timed out)"
     assert "Not compiled yet on any topology:" in table and "`dora`" in table
