@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image
 
 from jaxmed import files, storage
-from jaxmed.cli import add_debug_flag, main_guard
+from jaxmed.cli import add_debug_flag, main_guard, setup_logging
 from jaxmed.data import read_chexpert_csv
 from jaxmed.data.captions import caption_from_labels
 from jaxmed.data.labels import ALL, CONDITIONS, LABELS
@@ -519,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: user errors are one ``error:`` line, exit 2 (`jaxmed.cli.main_guard`;
     a missing optional package, ImportError, is one too); ``fid DIR1 DIR2`` is
     `jaxmed.eval.folder_fid`'s command."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     if [a for a in argv if a != "--debug"][:1] == ["fid"]:
         argv.remove("fid")

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from jaxmed.cli import add_debug_flag, main_guard
 from jaxmed.data.chexpert import load_image
 from jaxmed.data.folder import read_folder_csv
 from jaxmed.files import atomic_path, write_json
@@ -549,6 +550,11 @@ def set_scaling_factor(model_dir: str, value: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line, under `jaxmed.cli.main_guard` (a user error is one line, exit 2)."""
+    return main_guard(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser("python -m jaxmed.data.corpus", description=__doc__.split(
         "\n\n")[0])
     p.add_argument("out_dir")
@@ -558,6 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--patches", default="", help="also write one random patch of each "
                    "image to this folder (stage 1 of configs/pretrain_tiny.py)")
     p.add_argument("--patch-size", type=int, default=64)
+    add_debug_flag(p)
     a = p.parse_args(argv)
     path = ensure_corpus(a.out_dir, a.n, a.resolution, a.seed)
     print(path)
