@@ -13,6 +13,7 @@ import pytest
 
 from jaxmed import counts, evaluate, plan, sample, study, train
 from jaxmed.cli import ConfigError
+from jaxmed.data import corpus
 
 _DISTRIBUTED = r"""
 import os
@@ -91,11 +92,13 @@ def _user_errors(tmp) -> dict:
         "plan": (plan.main, [*lora, "--topology", "v5z-8"], "unknown topology 'v5z-8'"),
         "counts": (counts.main, [*lora, "--config.strategy.rnak=4"],
                    "did you mean config.strategy.rank?"),
+        "corpus": (corpus.main, [f"{tmp}/corpus", "--n", "0"],
+                   "a corpus needs at least 1 image of at least 8 px; got 0 images of 128 px"),
     }
 
 
 @pytest.mark.parametrize("tool", ["train", "study", "evaluate", "evaluate fid", "sample",
-                                  "plan", "counts"])
+                                  "plan", "counts", "corpus"])
 def test_user_error_is_one_line_and_exit_2(tool, tmp_path, capsys, root_logging):
     main, argv, says = _user_errors(tmp_path)[tool]
     assert main(argv) == 2

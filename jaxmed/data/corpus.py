@@ -407,7 +407,8 @@ def make_corpus(out_dir: str, n_images: int = 6000, resolution: int = 128, seed:
     its presence means complete). Image i is a function of (seed, i) only.
     """
     if n_images < 1 or resolution < 8:
-        raise ValueError(f"make_corpus: n_images={n_images}, resolution={resolution}")
+        raise ValueError(f"a corpus needs at least 1 image of at least 8 px; got "
+                         f"{n_images} images of {resolution} px")
     sources = available_sources(SOURCES if sources is None else sources)
     weights = np.asarray([s.weight for s in sources], np.float64)
     weights /= weights.sum()
