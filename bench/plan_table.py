@@ -171,7 +171,7 @@ def cell_text(row: dict | None, swept: dict | None = None) -> str:
             big += f" (swept at effort {e:g})"
     else:
         big = f">= {pdb} (not swept)"
-    flops = res.get("flops_per_image")
+    flops = res.get("model_flops_per_image") or row.get("model_flops_per_image")
     fl = f"{flops:.2e}" if flops else "?"
     effort = row.get("compile_effort", 0.0)
     return (f"{gib} at {pdb}/chip x {rep.get('grad_accum', '?')} accum, fits; largest "
@@ -208,6 +208,35 @@ def render(path: str = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def count_flops(path: str = RESULTS) -> None:
+    """Give every line planned before `jaxmed.plan` counted model FLOPs (`jaxmed.plan_flops`)
+    the count, traced once per strategy at its v5e-8 preset without compiling: per image it
+    depends on neither mesh nor batch (tests/test_plan_flops.py)."""
+    sys.path.insert(0, ROOT)
+    from jaxmed import plan, plan_flops, plan_topologies, sharding
+    from jaxmed.cli import load_config, set_override
+
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    per_image: dict[str, float] = {}
+    for row in rows:
+        res = (row.get("report") or {}).get("result") or {}
+        name = row["strategy"]
+        if not res or res.get("model_flops_per_image") or row.get("model_flops_per_image"):
+            continue
+        if name not in per_image:
+            config = load_config(f"configs/finetune.py:{name},sd15,v5e-8")
+            set_override(config, "model.arch", "sd15")
+            topo = plan_topologies.get("v5e-8")
+            step = plan.make_step(config, topo, plan_topologies.devices(topo))
+            with sharding.activation_sharding(step.mesh):
+                jaxpr = step.jitted.trace(*step.args).jaxpr
+            per_image[name] = plan_flops.count(jaxpr)["flops"] / step.images
+            print(f"[plan_table] {name}: {per_image[name]:.3e} model FLOPs per image", flush=True)
+        row["model_flops_per_image"] = per_image[name]
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def _libtpu() -> str:
     try:
         from importlib.metadata import version
@@ -239,10 +268,15 @@ def main() -> None:
     r.add_argument("--compile-effort", type=float, default=0.0,
                    help="train.compile_effort: 0 is XLA's default, -1 compiles fastest")
     r.add_argument("extra", nargs="*", help="after --: more jaxmed.plan flags")
+    sub.add_parser("count-flops", help="model FLOPs for lines planned before they were "
+                   "counted").add_argument("--results", default=RESULTS)
     d = sub.add_parser("render", help="print the table (and put it in the README)")
     d.add_argument("--results", default=RESULTS)
     d.add_argument("--readme", default=None)
     a = ap.parse_args()
+    if a.cmd == "count-flops":
+        count_flops(a.results)
+        return
     if a.cmd == "render":
         table = render(a.results)
         print(table)

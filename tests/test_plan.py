@@ -43,6 +43,8 @@ def check_numbers(result: dict) -> None:
     assert 0 < mem["aliased"] <= min(mem["arguments"], mem["outputs"])
     assert mem["arguments"] < mem["total"] <= result["capacity_bytes"]
     assert result["flops_per_chip"] > 0 and result["flops_per_image"] > 0
+    assert result["model_flops_per_image"] * result["images"] == pytest.approx(
+        result["model_flops_per_step"]) and result["model_flops_per_step"] > 0
     assert result["lower_s"] > 0 and result["compile_s"] > 0
 
 
@@ -83,7 +85,7 @@ def test_tiny_unet_step_for_tpu_v5e_memory_flops_ideal_time(monkeypatch, tmp_pat
     assert result["capacity_bytes"] == 16 * 2**30
     assert result["images"] == 4
     assert result["ideal_step_s"] == pytest.approx(
-        result["flops_per_chip"] / 197e12, rel=1e-6)
+        result["model_flops_per_step"] / 4 / 197e12, rel=1e-6)
     text = plan.format_result(result, plan_topologies.get("v5e-4"), 4)
     assert "TFLOP/s bf16 peak" in text and "fits" in text
 
