@@ -6,7 +6,7 @@ the larger branch of a ``cond``.
 Why `jaxmed.plan` counts them itself: XLA's cost analysis of a program compiled for a TPU
 slice misses work. On slices that shard the weights (fsdp) its count falls with the shard
 count (SD 1.5 `lora` at 4 images per chip: 2.16e12 FLOPs per image on one chip or with
-data=8, 1.33e12 with fsdp=8; README, "Compile time"), and Pallas kernels without a cost
+data=8, 1.33e12 with fsdp=8; README, "FLOPs"), and Pallas kernels without a cost
 estimate (the flash attention's backward) count nothing. The jaxpr holds every platform's
 attention (`jax.lax.platform_dependent` is a ``cond``): the larger branch is the einsum's
 arithmetic, what the flash kernel computes too. So this count depends neither on the mesh
