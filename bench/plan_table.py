@@ -171,11 +171,13 @@ def cell_text(row: dict | None, swept: dict | None = None) -> str:
             big += f" (swept at effort {e:g})"
     else:
         big = f">= {pdb} (not swept)"
-    flops = res.get("model_flops_per_image") or row.get("model_flops_per_image")
-    fl = f"{flops:.2e}" if flops else "?"
+    model = res.get("model_flops_per_image") or row.get("model_flops_per_image")
+    xla = res.get("flops_per_image")
+    fl = (f"{model:.2e} FLOPs/image" if model else
+          f"{xla:.2e} FLOPs/image (XLA's count)" if xla else "? FLOPs/image")
     effort = row.get("compile_effort", 0.0)
     return (f"{gib} at {pdb}/chip x {rep.get('grad_accum', '?')} accum, fits; largest "
-            f"{big}; {fl} FLOPs/image" + (f" (effort {effort:g})" if effort else ""))
+            f"{big}; {fl}" + (f" (effort {effort:g})" if effort else ""))
 
 
 def render(path: str = RESULTS) -> str:

@@ -59,7 +59,8 @@ def test_table_says_what_was_not_planned(tmp_path):
     oom = {"status": "oom", "per_device_batch": 4, "memory_bytes": None,
            "oom": {"required_bytes": 20 * 2**30}}
     path = tmp_path / "results.jsonl"
-    fast = {**ok, "memory_bytes": {"total": 4 * 2**30}, "compile_s": 200.0}
+    fast = {**ok, "memory_bytes": {"total": 4 * 2**30}, "compile_s": 200.0,
+            "model_flops_per_image": 3.5e12}
     # A later line with other flags is a variant: listed with its compile time, not tabled;
     # one at compile effort -1 fills a cell only where effort 0 has not been planned.
     variant = {**_row("unet", "v5e-8", fast), "extra": ["--flag"],
@@ -79,9 +80,10 @@ def test_table_says_what_was_not_planned(tmp_path):
     assert list(cells) == ["`unet`", "`lora`"]  # in the registry's order
     v5e1, v5e8, v48, v5p8 = cells["`unet`"]
     assert v5e1 == v48 == "not compiled yet"
+    # Model FLOPs where the line has them (newer plans), else XLA's count, said so.
     assert v5e8 == "3.0 GiB at 1/chip x 8 accum, fits; largest >= 1 (not swept); 2.50e+12 " \
-        "FLOPs/image"
-    assert v5p8 == "4.0 GiB at 1/chip x 8 accum, fits; largest 6; 2.50e+12 FLOPs/image " \
+        "FLOPs/image (XLA's count)"
+    assert v5p8 == "4.0 GiB at 1/chip x 8 accum, fits; largest 6; 3.50e+12 FLOPs/image " \
         "(effort -1)"
     assert cells["`lora`"][0] == "does not fit at 4/chip (needs 20.0+ GiB)"
     assert cells["`lora`"][2] == "plan failed (timed out)"
