@@ -21,9 +21,6 @@ import math
 
 from jax.extend.core import ClosedJaxpr, Jaxpr, jaxprs_in_params
 
-# Primitives whose nested jaxprs run several times or in parts, counted by their own rules.
-_LOOPS = ("scan", "while", "cond")
-
 
 def _size(shape) -> int:
     return math.prod(int(d) for d in shape)
@@ -89,5 +86,3 @@ def _walk(jaxpr: Jaxpr, times: float, out: dict) -> None:
             n = _shards(eqn) if name == "shard_map" else 1
             for sub in jaxprs_in_params(eqn.params):
                 _walk(sub, times * n, out)
-
-
