@@ -2,13 +2,16 @@
 accelerator preset (``configs/finetune.py:<strategy>,sd15,<topology>``), one cell at a time.
 
     python bench/plan_table.py run --cells unet:v5e-8 lora:v5e-1 dora:v5e-1 [--sweep]
+        [--sweep-max N] [--compile-effort -1] [-- more jaxmed.plan flags]
+    python bench/plan_table.py count-flops   # model FLOPs for lines planned before them
     python bench/plan_table.py render [--readme README.md]
 
 ``run`` plans each cell in its own process (``python -m jaxmed.plan``, under ``--timeout``)
 and appends its report, with the wall time, host and load, as one JSON line to
 ``bench/plan_results.jsonl`` as soon as it is done: a killed run keeps the cells it
 finished. ``render`` prints the table (row per strategy, column per topology; the latest
-line per cell wins) and with ``--readme`` puts it between the README's
+line per cell wins: the preset at effort 0, else at -1; lines with other flags are only
+listed with their compile times) and with ``--readme`` puts it between the README's
 ``<!-- plan-table -->`` markers. A cell never planned says so.
 """
 
