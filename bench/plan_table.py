@@ -3,7 +3,7 @@ accelerator preset (``configs/finetune.py:<strategy>,sd15,<topology>``), one cel
 
     python bench/plan_table.py run --cells unet:v5e-8 lora:v5e-1 dora:v5e-1 [--sweep]
         [--sweep-max N] [--compile-effort -1] [-- more jaxmed.plan flags]
-    python bench/plan_table.py count-flops   # model FLOPs for lines planned before them
+    python bench/plan_table.py count-flops   # model FLOPs, counted again, on every line
     python bench/plan_table.py render [--readme README.md]
 
 ``run`` plans each cell in its own process (``python -m jaxmed.plan``, under ``--timeout``)
@@ -174,7 +174,7 @@ def cell_text(row: dict | None, swept: dict | None = None) -> str:
             big += f" (swept at effort {e:g})"
     else:
         big = f">= {pdb} (not swept)"
-    model = res.get("model_flops_per_image") or row.get("model_flops_per_image")
+    model = row.get("model_flops_per_image") or res.get("model_flops_per_image")
     xla = res.get("flops_per_image")
     fl = (f"{model:.2e} FLOPs/image" if model else
           f"{xla:.2e} FLOPs/image (XLA's count)" if xla else "? FLOPs/image")
@@ -214,9 +214,10 @@ def render(path: str = RESULTS) -> str:
 
 
 def count_flops(path: str = RESULTS) -> None:
-    """Give every line planned before `jaxmed.plan` counted model FLOPs (`jaxmed.plan_flops`)
-    the count, traced once per strategy at its v5e-8 preset without compiling: per image it
-    depends on neither mesh nor batch (tests/test_plan_flops.py)."""
+    """Give every line the model FLOPs per image of the current counter (`jaxmed.plan_flops`;
+    lines planned before it or by an older one), traced once per strategy at its v5e-8
+    preset without compiling: per image the count depends on neither mesh nor batch
+    (tests/test_plan_flops.py)."""
     sys.path.insert(0, ROOT)
     from jaxmed import plan, plan_flops, plan_topologies, sharding
     from jaxmed.cli import load_config, set_override
@@ -226,7 +227,7 @@ def count_flops(path: str = RESULTS) -> None:
     for row in rows:
         res = (row.get("report") or {}).get("result") or {}
         name = row["strategy"]
-        if not res or res.get("model_flops_per_image") or row.get("model_flops_per_image"):
+        if not res:
             continue
         if name not in per_image:
             config = load_config(f"configs/finetune.py:{name},sd15,v5e-8")
@@ -273,8 +274,8 @@ def main() -> None:
     r.add_argument("--compile-effort", type=float, default=0.0,
                    help="train.compile_effort: 0 is XLA's default, -1 compiles fastest")
     r.add_argument("extra", nargs="*", help="after --: more jaxmed.plan flags")
-    sub.add_parser("count-flops", help="model FLOPs for lines planned before they were "
-                   "counted").add_argument("--results", default=RESULTS)
+    sub.add_parser("count-flops", help="model FLOPs per image, counted again, on every "
+                   "line").add_argument("--results", default=RESULTS)
     d = sub.add_parser("render", help="print the table (and put it in the README)")
     d.add_argument("--results", default=RESULTS)
     d.add_argument("--readme", default=None)

@@ -11,15 +11,16 @@ estimate (the flash attention's backward) count nothing. The jaxpr holds every p
 attention (`jax.lax.platform_dependent` is a ``cond``): the larger branch is the einsum's
 arithmetic, what the flash kernel computes too. So this count depends neither on the mesh
 nor on kernels or compile effort. Elementwise work (norms, activations, the optimizer
-update) is left out, as model-FLOPs (MFU) counts leave it out; dead code in the jaxpr, which
-XLA would drop, is counted.
+update) is left out, as model-FLOPs (MFU) counts leave it out. Equations whose results no
+output needs are dropped, as XLA drops them; inside a nested jaxpr, all of its outputs
+count as needed.
 """
 
 from __future__ import annotations
 
 import math
 
-from jax.extend.core import ClosedJaxpr, Jaxpr, jaxprs_in_params
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, jaxprs_in_params
 
 
 def _size(shape) -> int:
@@ -59,8 +60,20 @@ def count(jaxpr: Jaxpr | ClosedJaxpr) -> dict:
     return out
 
 
+def _live(jaxpr: Jaxpr) -> list:
+    """The equations that feed the jaxpr's outputs (or have effects): XLA drops the rest,
+    e.g. gradients of frozen weights that a step computes but never returns."""
+    live = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars):
+            kept.append(eqn)
+            live.update(v for v in eqn.invars if not isinstance(v, Literal))
+    return kept[::-1]
+
+
 def _walk(jaxpr: Jaxpr, times: float, out: dict) -> None:
-    for eqn in jaxpr.eqns:
+    for eqn in _live(jaxpr):
         name = eqn.primitive.name
         if name == "dot_general":
             out["flops"] += times * _dot(eqn)
