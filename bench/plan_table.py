@@ -222,23 +222,24 @@ def count_flops(path: str = RESULTS) -> None:
     from jaxmed import plan, plan_flops, plan_topologies, sharding
     from jaxmed.cli import load_config, set_override
 
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    def read() -> list[dict]:
+        return [json.loads(line) for line in open(path) if line.strip()]
+
     per_image: dict[str, float] = {}
+    for name in dict.fromkeys(r["strategy"] for r in read()):
+        config = load_config(f"configs/finetune.py:{name},sd15,v5e-8")
+        set_override(config, "model.arch", "sd15")
+        topo = plan_topologies.get("v5e-8")
+        step = plan.make_step(config, topo, plan_topologies.devices(topo))
+        with sharding.activation_sharding(step.mesh):
+            jaxpr = step.jitted.trace(*step.args).jaxpr
+        per_image[name] = plan_flops.count(jaxpr)["flops"] / step.images
+        print(f"[plan_table] {name}: {per_image[name]:.3e} model FLOPs per image", flush=True)
+    # Read again just before writing: a `run` may have appended lines meanwhile.
+    rows = read()
     for row in rows:
-        res = (row.get("report") or {}).get("result") or {}
-        name = row["strategy"]
-        if not res:
-            continue
-        if name not in per_image:
-            config = load_config(f"configs/finetune.py:{name},sd15,v5e-8")
-            set_override(config, "model.arch", "sd15")
-            topo = plan_topologies.get("v5e-8")
-            step = plan.make_step(config, topo, plan_topologies.devices(topo))
-            with sharding.activation_sharding(step.mesh):
-                jaxpr = step.jitted.trace(*step.args).jaxpr
-            per_image[name] = plan_flops.count(jaxpr)["flops"] / step.images
-            print(f"[plan_table] {name}: {per_image[name]:.3e} model FLOPs per image", flush=True)
-        row["model_flops_per_image"] = per_image[name]
+        if (row.get("report") or {}).get("result") and row["strategy"] in per_image:
+            row["model_flops_per_image"] = per_image[row["strategy"]]
     with open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
 
