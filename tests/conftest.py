@@ -22,7 +22,7 @@ from tests.helpers import write_chexpert_dataset  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
-    """The long tests (marked slow) first: with `-n 2 --dist worksteal` (README, Tests) the
+    """The long tests (marked slow) first: with `-n 2 --dist worksteal` (README, "Two commands") the
     two workers then end on short tests together, instead of one worker running a long test
     alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
