@@ -163,13 +163,14 @@ def cell_text(row: dict | None, swept: dict | None = None) -> str:
         need = (res.get("oom") or {}).get("required_bytes")
         gib = f"needs {need / GIB:.1f}+ GiB" if need and not mem else gib
         return f"does not fit at {pdb}/chip ({gib})"
-    best = ((swept or {}).get("report") or {}).get("largest_per_device_batch")
-    sweep_rep = swept["report"] if best else rep
+    if not ((swept or {}).get("report") or {}).get("largest_per_device_batch"):
+        swept = None  # a sweep that found nothing says nothing about the largest batch
+    sweep_rep = swept["report"] if swept else rep
     if sweep_rep.get("largest_per_device_batch"):
         big = str(sweep_rep["largest_per_device_batch"])
         if sweep_rep.get("first_too_large") is None:
             big = f">= {big} (sweep capped)"
-        e = (swept or row).get("compile_effort", 0.0)
+        e = swept.get("compile_effort", 0.0) if swept else None
         if swept and e != row.get("compile_effort", 0.0):
             big += f" (swept at effort {e:g})"
     else:

@@ -379,10 +379,10 @@ def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, jso
          quiet) -> dict:
     devs = plan_topologies.devices(topo)
     m = config.model
+    effort = float(config.train.get("compile_effort", 0.0))
     _say(f"{what} step of {config.strategy.name} ({m.get('arch') or m.path}, "
          f"{config.data.resolution} px, {m.dtype}, remat={m.remat}, attention="
-         f"{m.get('attention', 'auto')}, compile effort "
-         f"{float(config.train.get('compile_effort', 0.0)):g}, mesh data="
+         f"{m.get('attention', 'auto')}, compile effort {effort:g}, mesh data="
          f"{config.mesh.data} fsdp={config.mesh.fsdp} tensor={config.mesh.tensor}) for "
          f"{topo.name}", quiet)
     report: dict[str, Any] = {
@@ -392,7 +392,7 @@ def _run(config, topo: Topology, *, what, do_sweep, sweep_max, sample_steps, jso
         "capacity_bytes_per_chip": topo.capacity_bytes, "strategy": config.strategy.name,
         "model": m.get("arch") or m.path, "dtype": m.dtype, "remat": m.remat,
         "attention": m.get("attention", "auto"),
-        "compile_effort": float(config.train.get("compile_effort", 0.0)),
+        "compile_effort": effort,
         "resolution": config.data.resolution, "grad_accum": config.optim.grad_accum,
         "mesh": {k: config.mesh[k] for k in ("data", "fsdp", "tensor")},
     }
